@@ -1,0 +1,1 @@
+"""Model code: tensors in, tensors out, batch-first; no asyncio, no sessions."""
