@@ -126,18 +126,22 @@ def load_module(
     source: str,
     ignore: Iterable[str] = (),
     rename: Mapping[str, str] | None = None,
+    exclude_prefixes: Iterable[str] = (),
 ) -> None:
     """Copy `tensors[prefix + name]` into every parameter and persistent buffer `name` of `module`.
 
     `source` names the file(s) in errors. `ignore` lists module-relative names that may be absent from the
     checkpoint (they keep their current value) and checkpoint names under `prefix` that are allowed to be
-    unused. `rename` maps a module name to the checkpoint's name when they differ. Raises CheckpointError on
+    unused. `rename` maps a module name to the checkpoint's name when they differ. Checkpoint names under
+    `prefix` that start with one of `exclude_prefixes` (module-relative) belong to other modules and are
+    not considered. Raises CheckpointError on
     a missing key, an unexpected key under `prefix`, or a shape mismatch (naming key, expected and found).
     """
     ignore = set(ignore)
     rename = dict(rename or {})
     targets = module.state_dict(keep_vars=True)
-    available = with_prefix(tensors, prefix)
+    excluded = tuple(exclude_prefixes)
+    available = {k: v for k, v in with_prefix(tensors, prefix).items() if not (excluded and k.startswith(excluded))}
     used: set[str] = set()
     missing = []
     for name, target in targets.items():

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install voice-agent into ./.venv on a fresh Linux machine.
+#   scripts/install.sh          the server (CPU torch unless a torch is already in the venv)
+#   scripts/install.sh --test   also the test tools, headless Chromium and espeak-ng (apt, needs root/sudo)
+# The order matters: torch first and alone, openai-whisper without its dependencies (its declared triton
+# dependency is 1 GB and unused), then everything else.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extra=""
+if [[ "${1:-}" == "--test" ]]; then
+  extra="[test]"
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v espeak-ng >/dev/null; then
+    sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends \
+      chromium chromium-driver espeak-ng
+  fi
+fi
+
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || pip install -q "torch==${VOICE_AGENT_TORCH_VERSION:-2.13.0}"
+python -c "import whisper" 2>/dev/null || pip install -q --no-deps openai-whisper==20250625
+pip install -q -e ".${extra}"
+python -c "import torch, whisper, transformers, webrtcvad; print('voice-agent installed: torch', torch.__version__)"

@@ -1,0 +1,119 @@
+"""The `voice-agent` command line: serve, download, make-tiny, generate, bench.
+
+Heavy imports (torch, transformers) happen inside each subcommand so `voice-agent --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from voice_agent.model.tiny import make_tiny
+
+    paths = make_tiny(args.dir, seed=args.seed)
+    print(f"model directory: {paths.model_dir}")
+    print(f"whisper encoder: {paths.speech_encoder}")
+    print(f"vocoder directory: {paths.cosy2_decoder}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from voice_agent.generate import run_generate
+
+    return run_generate(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "model":
+        from voice_agent.bench import bench_model_main
+
+        return bench_model_main(args.rest)
+    if args.what == "vocoder":
+        from voice_agent.bench_vocoder import main as bench_vocoder_main
+
+        return bench_vocoder_main(args.rest)
+    from voice_agent.bench import bench_engine_main
+
+    return bench_engine_main(args.rest)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from voice_agent.config import ServerConfig
+    from voice_agent.server import run_server
+
+    run_server(ServerConfig.from_args(args))
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from voice_agent.download import download_main
+
+    return download_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voice-agent", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the voice agent server (page at /, WebSocket at /ws)")
+    try:
+        from voice_agent.config import ServerConfig
+
+        ServerConfig.add_arguments(p)
+    except ImportError:  # the server config lands with the server
+        pass
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("download", help="download the official model files into models/")
+    try:
+        from voice_agent.download import add_download_arguments
+
+        add_download_arguments(p)
+    except ImportError:
+        pass
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint set in the official layout")
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.set_defaults(func=_cmd_make_tiny)
+
+    p = sub.add_parser("generate", help="speech in -> text and speech units (and a WAV with --vocoder-dir)")
+    p.add_argument("--model-dir", required=True, help="a LLaMA-Omni2 model directory")
+    p.add_argument("--input", required=True, help="input speech (WAV/FLAC, any rate and channel count)")
+    p.add_argument("--whisper", default=None, help="an openai-whisper large-v3.pt to take the encoder from")
+    p.add_argument("--vocoder-dir", default=None, help="a cosy2_decoder directory: also write the reply audio")
+    p.add_argument("--output", default="reply.wav", help="reply WAV path (with --vocoder-dir)")
+    p.add_argument("--voice", default=None, help="voice name or embedding file (with --vocoder-dir)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (text and units)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--unpadded", action="store_true", help="encode only the real audio length (changes numbers)")
+    p.add_argument("--dump", default=None, help="write intermediate arrays to this .npz")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmarks: model, vocoder, engine")
+    p.add_argument("what", choices=["model", "vocoder", "engine"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (--help for them)")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from voice_agent.errors import VoiceAgentError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VoiceAgentError as e:
+        print(f"voice-agent: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
