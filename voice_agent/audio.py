@@ -1,0 +1,199 @@
+"""Audio at the edges of the model: reading files, changing sample rates, PCM16 conversions.
+
+Contract:
+
+- `load_audio(path)` reads a WAV/FLAC (anything libsndfile reads) at any rate and channel count and returns
+  mono float32 at `MODEL_SAMPLE_RATE`, channels averaged, resampled here in numpy (no ffmpeg). Every
+  failure is an `AudioInputError` naming the file: unreadable, empty, or longer than `max_seconds`.
+- `Resampler` is a streaming band-limited resampler (windowed-sinc, Kaiser window, polyphase); feeding it
+  chunk by chunk gives the same samples as `resample` on the whole signal. `resample` is the one-shot form.
+- `pcm16_to_float` / `float_to_pcm16` convert little-endian int16 PCM to float32 in [-1, 1) and back.
+
+Deviation from the reference: openai-whisper decodes and resamples with ffmpeg (to int16 at 16 kHz, then
+/32768). Here decoding is libsndfile and resampling is our own filter, so the samples differ from the
+reference's by the two resamplers' differences (both are near-transparent below 7 kHz); files already at
+16 kHz PCM16 give exactly the reference's samples.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from math import ceil, gcd
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from voice_agent.errors import AudioInputError
+
+# ---- physics ------------------------------------------------------------------------------------------
+MODEL_SAMPLE_RATE = 16000  # Hz: what the Whisper encoder hears
+OUTPUT_SAMPLE_RATE = 24000  # Hz: what the HiFT vocoder writes
+PCM16_BYTES = 2  # bytes per int16 sample
+PCM16_SCALE = 32768.0  # int16 full scale: float = int16 / PCM16_SCALE
+PCM16_MAX = int(PCM16_SCALE) - 1  # 32767
+PCM16_MIN = -int(PCM16_SCALE)  # -32768
+
+# ---- resampling filter ----------------------------------------------------------------------------------
+# A Kaiser-windowed sinc low-pass at the lower of the two Nyquist frequencies. With these values the
+# stopband starts at about the lower Nyquist frequency and is ~90 dB down; the passband is flat to ~0.8 of
+# the lower Nyquist (6.5 kHz when going to 16 kHz).
+RESAMPLE_ZERO_CROSSINGS = 32  # half-width of the sinc, in zero crossings (at the lower rate)
+RESAMPLE_ROLLOFF = 0.91  # cutoff as a fraction of the lower Nyquist frequency
+RESAMPLE_KAISER_BETA = 9.0  # Kaiser window shape: ~90 dB stopband attenuation
+
+
+# ---- files ----------------------------------------------------------------------------------------------
+def load_audio(
+    path: str | Path, *, rate: int = MODEL_SAMPLE_RATE, max_seconds: float | None = None
+) -> np.ndarray:
+    """Read an audio file as mono float32 at `rate` Hz: shape (N,).
+
+    Raises AudioInputError naming the file if it is missing, not audio, empty, or longer than `max_seconds`
+    (checked from the header before decoding the samples).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioInputError(f"missing audio file {path}")
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioInputError(f"unreadable audio file {path}: expected WAV/FLAC/OGG audio ({e})") from e
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise AudioInputError(f"empty audio file {path}: expected at least one sample, got {info.frames}")
+    seconds = info.frames / info.samplerate
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioInputError(
+            f"audio file {path} is too long: expected at most {max_seconds:g} s, got {seconds:.2f} s"
+        )
+    try:
+        data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)  # (N, C)
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioInputError(f"unreadable audio file {path}: cannot decode samples ({e})") from e
+    if data.shape[0] == 0:
+        raise AudioInputError(f"empty audio file {path}: expected at least one sample, got 0")
+    mono = data.mean(axis=1, dtype=np.float32)  # (N,)
+    return resample(mono, file_rate, rate)
+
+
+# ---- PCM16 ------------------------------------------------------------------------------------------------
+def pcm16_to_float(pcm: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
+    """Little-endian int16 PCM (bytes, or an int16 array) -> float32 samples in [-1, 1)."""
+    if isinstance(pcm, np.ndarray):
+        if pcm.dtype.kind != "i" or pcm.dtype.itemsize != PCM16_BYTES:
+            raise ValueError(f"expected an int16 array, got dtype {pcm.dtype}")
+        ints = pcm
+    else:
+        raw = bytes(pcm)
+        if len(raw) % PCM16_BYTES:
+            raise ValueError(f"expected an even number of PCM16 bytes, got {len(raw)}")
+        ints = np.frombuffer(raw, dtype="<i2")
+    return ints.astype(np.float32) / np.float32(PCM16_SCALE)
+
+
+def float_to_pcm16(x: np.ndarray) -> bytes:
+    """Float samples (nominally [-1, 1]) -> little-endian int16 PCM bytes, rounded and clipped."""
+    scaled = np.rint(np.asarray(x, dtype=np.float64) * PCM16_SCALE)
+    return np.clip(scaled, PCM16_MIN, PCM16_MAX).astype("<i2").tobytes()
+
+
+# ---- resampling -------------------------------------------------------------------------------------------
+@lru_cache(maxsize=16)
+def _polyphase_table(up: int, down: int) -> tuple[np.ndarray, int]:
+    """Filter taps for each of the `up` output phases: (up, 2K) float32, and K.
+
+    Output sample n sits at input time t = n * down / up; with base = floor(t) and phase p = (n * down) % up
+    it is sum_j x[base + j] * table[p, j + K - 1] for j in [-(K - 1), K].
+    """
+    cutoff = 0.5 * RESAMPLE_ROLLOFF * min(1.0, up / down)  # cycles per input sample
+    half_width = RESAMPLE_ZERO_CROSSINGS / (2.0 * cutoff)  # input samples on each side
+    k = int(ceil(half_width))
+    offsets = np.arange(-(k - 1), k + 1, dtype=np.float64)  # (2K,)
+    frac = np.arange(up, dtype=np.float64)[:, None] / up  # (up, 1)
+    t = frac - offsets[None, :]  # (up, 2K): distance from output time to each tap, in input samples
+    radius = np.sqrt(np.clip(1 - (t / half_width) ** 2, 0, 1))  # 1 at the centre, 0 at the edges
+    window = np.where(np.abs(t) < half_width, np.i0(RESAMPLE_KAISER_BETA * radius), 0.0)
+    taps = 2 * cutoff * np.sinc(2 * cutoff * t) * window / np.i0(RESAMPLE_KAISER_BETA)
+    taps /= taps.sum(axis=1, keepdims=True)  # exact unit gain at DC for every phase
+    return taps.astype(np.float32), k
+
+
+class Resampler:
+    """Streaming band-limited resampler for one mono signal, `src_rate` Hz -> `dst_rate` Hz.
+
+    `process(chunk)` returns every output sample that the input so far determines; `flush()` ends the
+    stream (the signal is taken to be zero after its end) and returns the rest. The concatenated outputs
+    are the same, up to float rounding, as `resample` on the whole input, whatever the chunking; the total
+    length is ceil(N * dst_rate / src_rate). Latency: about RESAMPLE_ZERO_CROSSINGS samples at the lower
+    rate (2 ms going to 16 kHz).
+    """
+
+    def __init__(self, src_rate: int, dst_rate: int):
+        if int(src_rate) != src_rate or int(dst_rate) != dst_rate or src_rate <= 0 or dst_rate <= 0:
+            raise ValueError(f"expected positive integer sample rates, got {src_rate} -> {dst_rate}")
+        g = gcd(int(src_rate), int(dst_rate))
+        self.src_rate, self.dst_rate = int(src_rate), int(dst_rate)
+        self.up, self.down = self.dst_rate // g, self.src_rate // g
+        self._table, self._k = _polyphase_table(self.up, self.down)
+        # Input samples before time 0 are zeros; the buffer starts at absolute index -(K - 1).
+        self._buf = np.zeros(self._k - 1, dtype=np.float32)
+        self._buf_start = -(self._k - 1)
+        self._n_in = 0  # input samples received
+        self._n_out = 0  # output samples produced
+        self._done = False
+
+    def process(self, chunk: np.ndarray) -> np.ndarray:
+        """Feed mono samples (N,); returns the output samples now determined (M,) float32."""
+        if self._done:
+            raise RuntimeError("Resampler.process called after flush")
+        chunk = np.asarray(chunk, dtype=np.float32)
+        if chunk.ndim != 1:
+            raise ValueError(f"expected mono samples of shape (N,), got shape {chunk.shape}")
+        self._buf = np.concatenate([self._buf, chunk])
+        self._n_in += chunk.shape[0]
+        # Output n needs inputs up to floor(n * down / up) + K, which must be < n_in.
+        n_end = max(self._n_out, -(-(self._n_in - self._k) * self.up // self.down))
+        return self._emit(n_end)
+
+    def flush(self) -> np.ndarray:
+        """End the stream: returns the remaining output samples (the input is zero after its end)."""
+        if self._done:
+            return np.zeros(0, dtype=np.float32)
+        self._buf = np.concatenate([self._buf, np.zeros(self._k + 1, dtype=np.float32)])
+        out = self._emit(-(-self._n_in * self.up // self.down))
+        self._done = True
+        return out
+
+    def _emit(self, n_end: int) -> np.ndarray:
+        n0, count = self._n_out, n_end - self._n_out
+        out = np.empty(max(count, 0), dtype=np.float32)
+        if count <= 0:
+            return out
+        width = 2 * self._k
+        windows = np.lib.stride_tricks.sliding_window_view(self._buf, width)  # (len - 2K + 1, 2K)
+        # Outputs n = r, r + up, r + 2 up, ... share one phase and advance by `down` input samples, so each
+        # phase is one matrix-vector product over a strided view.
+        for n_first in range(n0, min(n0 + self.up, n_end)):
+            t_int, phase = divmod(n_first * self.down, self.up)
+            start = t_int - (self._k - 1) - self._buf_start
+            rows = windows[start :: self.down][: len(range(n_first, n_end, self.up))]  # (M_r, 2K)
+            out[n_first - n0 :: self.up] = rows @ self._table[phase]
+        self._n_out = n_end
+        # Keep only the inputs later outputs can still need.
+        keep_from = (n_end * self.down) // self.up - (self._k - 1)
+        drop = keep_from - self._buf_start
+        if drop > 0:
+            self._buf = self._buf[drop:]
+            self._buf_start = keep_from
+        return out
+
+
+def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Resample mono samples (N,) from `src_rate` to `dst_rate` Hz -> (ceil(N * dst / src),) float32."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 1:
+        raise ValueError(f"expected mono samples of shape (N,), got shape {x.shape}")
+    if src_rate == dst_rate:
+        return x.copy()
+    r = Resampler(src_rate, dst_rate)
+    return np.concatenate([r.process(x), r.flush()])
