@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voice", default=None, help="voice name or embedding file (with --vocoder-dir)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (text and units)")
+    p.add_argument("--max-final-units", type=int, default=None,
+                   help="cap on units written after the final read (default 1024, as the reference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -41,13 +41,19 @@ DUMP_ARRAYS = {
 
 
 def run_reply(lm: SpeechLM, audio: np.ndarray, *, temperature: float | None, max_new_tokens: int | None,
-              seed: int, on_text=None, on_block=None, keep_first_logits: bool = False):
-    """Run one turn for one session; returns (reply, features, prompt_ids)."""
+              seed: int, on_text=None, on_block=None, keep_first_logits: bool = False,
+              final_units: int | None = None):
+    """Run one turn for one session; returns (reply, features, prompt_ids).
+
+    `final_units` lowers the cap on units written after the final read (1024, as the reference); random
+    test models rarely sample the TTS eos, so tests use a small cap."""
     features = lm.speech_features([audio])
     prompt_ids = lm.tok.build_prompt([Turn.user()])
     embeds = lm.embed_prompt(prompt_ids, [features.row(0)])  # (L, H)
     reply = Reply.start(lm, llm_slot=0, tts_slot=0, temperature=temperature, max_new_tokens=max_new_tokens,
                         seed=seed, keep_first_logits=keep_first_logits)
+    if final_units is not None:
+        reply.schedule.final_units = final_units
     max_text = reply.max_new_tokens
     llm_cache = lm.new_llm_cache(1, embeds.shape[0] + max_text + 1)
     # TTS positions: every text token, <sep>, up to W units per read, up to 1024 after the final read.
@@ -72,6 +78,30 @@ def run_reply(lm: SpeechLM, audio: np.ndarray, *, temperature: float | None, max
     return reply, features, prompt_ids
 
 
+class ReplyVocoder:
+    """Units -> 24 kHz speech for one reply, block by block as the server streams it."""
+
+    def __init__(self, directory: str, voice: str | None, device: str, seed: int):
+        from voice_agent.audio import OUTPUT_SAMPLE_RATE
+        from voice_agent.model.cosy2 import Cosy2Decoder
+
+        self.decoder = Cosy2Decoder.load(directory, device=device)
+        self.spk = self.decoder.voice(voice)
+        self.seed = seed
+        self.stream = self.decoder.stream(self.spk, seed)
+        self.sample_rate = OUTPUT_SAMPLE_RATE
+
+    def push(self, units: list[int], final: bool) -> np.ndarray:
+        return self.stream.push(units, final)
+
+    def offline_mel(self, units: list[int]) -> np.ndarray:
+        """The mel of the whole reply in one non-streaming call (finalize), same noise as the stream."""
+        from voice_agent.model.flow_stream import FlowStream
+
+        whole = FlowStream(self.decoder.flow, self.spk, self.seed)
+        return whole.push(list(units), True).float().cpu().numpy()
+
+
 def run_generate(args: argparse.Namespace) -> int:
     audio = load_audio(args.input, rate=MODEL_SAMPLE_RATE, max_seconds=MAX_INPUT_SECONDS)
     torch.manual_seed(args.seed)
@@ -80,11 +110,7 @@ def run_generate(args: argparse.Namespace) -> int:
                        dtype=DTYPES[args.dtype], unpadded=args.unpadded)
     print(f"[loaded {lm.name} in {time.perf_counter() - t0:.2f} s on {lm.device} ({args.dtype})]", file=sys.stderr)
 
-    vocoder = None
-    if args.vocoder_dir:
-        from voice_agent.model.cosy2 import open_reply_vocoder
-
-        vocoder = open_reply_vocoder(args.vocoder_dir, voice=args.voice, device=args.device, seed=args.seed)
+    vocoder = ReplyVocoder(args.vocoder_dir, args.voice, args.device, args.seed) if args.vocoder_dir else None
     detok = lm.tok.detokenizer()
     wav_chunks: list[np.ndarray] = []
 
@@ -101,6 +127,7 @@ def run_generate(args: argparse.Namespace) -> int:
     reply, features, prompt_ids = run_reply(
         lm, audio, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
         on_text=on_text, on_block=on_block, keep_first_logits=args.dump is not None,
+        final_units=args.max_final_units,
     )
     sys.stdout.write(detok.flush())
     elapsed = time.perf_counter() - t1

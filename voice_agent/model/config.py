@@ -64,6 +64,9 @@ class Qwen2Dims:
     @classmethod
     def from_hf(cls, d: dict[str, Any], where: str) -> Qwen2Dims:
         heads = _get(d, "num_attention_heads", int, where)
+        rope = d.get("rope_parameters")  # transformers >= 5 writes rope_theta inside rope_parameters
+        if "rope_theta" not in d and isinstance(rope, dict) and "rope_theta" in rope:
+            d = {**d, "rope_theta": rope["rope_theta"]}
         return cls(
             hidden_size=_get(d, "hidden_size", int, where),
             num_layers=_get(d, "num_hidden_layers", int, where),

@@ -1,0 +1,92 @@
+"""`voice-agent generate` as a user runs it: streamed text, units per read, the dump, the reply WAV,
+repeatable greedy runs, and clear errors for bad audio."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from voice_agent.cli import main
+from voice_agent.model.tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def question(tmp_path_factory):
+    """1.5 s of a voiced signal, stereo at 44.1 kHz: the command must mix down and resample."""
+    rate = 44_100
+    t = np.arange(int(1.5 * rate)) / rate
+    x = 0.2 * np.sin(2 * np.pi * 140 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    path = tmp_path_factory.mktemp("audio") / "q.wav"
+    sf.write(path, np.stack([x, 0.5 * x], axis=1), rate)
+    return path
+
+
+def generate(tiny, question, tmp_path, *extra):
+    dump = tmp_path / "run.npz"
+    args = ["generate", "--model-dir", str(tiny.model_dir), "--input", str(question), "--temperature", "0",
+            "--max-new-tokens", "7", "--max-final-units", "12", "--dump", str(dump), *extra]
+    assert main(args) == 0
+    return dict(np.load(dump))
+
+
+def test_dump_arrays_and_printed_progress(tiny, question, tmp_path, capsys):
+    d = generate(tiny, question, tmp_path)
+    out = capsys.readouterr().out
+    assert out.count("units]") == len(d["unit_blocks"])  # one progress mark per read
+    assert d["mel"].shape == (128, 3000) and d["mel"].dtype == np.float32
+    assert d["encoder_out"].shape == (1500, 128)
+    assert d["adapter_out"].shape == (300, 64)
+    assert (d["prompt_ids"] == -200).sum() == 1
+    assert d["first_logits"].shape == (384,)
+    n = len(d["text_ids"])
+    assert 1 <= n <= 7 and d["tts_hidden"].shape == (n, 64)
+    assert d["unit_blocks"].sum() == len(d["units"])
+    assert len(d["unit_blocks"]) == -(-n // 3)
+    assert np.argmax(d["first_logits"]) == d["text_ids"][0]  # greedy
+
+
+def test_greedy_runs_repeat_exactly(tiny, question, tmp_path):
+    a = generate(tiny, question, tmp_path / "a")
+    b = generate(tiny, question, tmp_path / "b", "--seed", "99")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_reply_wav_with_the_vocoder(tiny, question, tmp_path):
+    out = tmp_path / "reply.wav"
+    d = generate(tiny, question, tmp_path, "--vocoder-dir", str(tiny.cosy2_decoder), "--output", str(out))
+    wav, rate = sf.read(out)
+    assert rate == 24_000
+    assert len(wav) == len(d["wav"]) == 480 * d["flow_mel"].shape[1]
+    assert d["flow_mel"].shape == (80, 2 * len(d["units"]))
+    assert np.abs(d["wav"]).max() > 0
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda p: p.write_bytes(b"this is not audio"), "q.wav"),
+        (lambda p: sf.write(p, np.zeros(0), 16_000), "empty|no samples|zero"),
+        (lambda p: sf.write(p, np.zeros(31 * 16_000, np.float32), 16_000), "30"),
+    ],
+)
+def test_bad_audio_is_a_clear_error(tiny, tmp_path, capsys, make, match):
+    path = tmp_path / "q.wav"
+    make(path)
+    assert main(["generate", "--model-dir", str(tiny.model_dir), "--input", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and str(path) in err
+    assert re.search(match, err, flags=re.IGNORECASE)
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path, question, capsys):
+    assert main(["generate", "--model-dir", str(tmp_path / "nope"), "--input", str(question)]) == 2
+    assert "nope" in capsys.readouterr().err
