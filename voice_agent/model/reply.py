@@ -14,6 +14,13 @@ settings with the session's own seeded generators. Three batched steps advance r
 Each step appends what happened to the reply's `outbox` (text token ids, units, block ends, done), which
 the caller drains. Text may run ahead of speech: the schedule queues reads that fall due while a block
 is written, so the TTS sequence (and every number) is the same as the reference's strict alternation.
+`reads` records every read whose block has started, in order, with the units it wrote in
+`schedule.unit_blocks` at the same index; `text_lead` counts text tokens no started block has read yet.
+
+Options that change the numbers (benchmarks only): `ForcedLength` makes a reply exactly N text tokens
+long (the LLM's eos ids are masked until the N-th token, as transformers' `min_new_tokens`) and makes every
+TTS block write its full quota (the TTS eos is masked: W units per block, `final_units` after the final
+read). `final_units` alone caps what the TTS writes after the final read (the reference's 1024).
 """
 
 from __future__ import annotations
@@ -26,8 +33,23 @@ import torch
 
 from voice_agent.model.qwen2 import KVCache
 from voice_agent.model.sampling import GREEDY, TTS_SAMPLING, SamplingParams, sample
-from voice_agent.model.schedule import ReadWriteSchedule
+from voice_agent.model.schedule import FINAL_UNIT_LIMIT, Read, ReadWriteSchedule
 from voice_agent.model.speech_lm import SpeechLM
+
+
+@dataclass(frozen=True)
+class ForcedLength:
+    """Benchmark reply lengths: exactly `text_tokens` text tokens and `final_units` units after the final
+    read, every other block writing its W units (eos masked for both LMs). Changes the numbers."""
+
+    text_tokens: int
+    final_units: int
+
+    def __post_init__(self) -> None:
+        for name in ("text_tokens", "final_units"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ForcedLength.{name}: expected a positive int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -74,7 +96,10 @@ class Reply:
     llm_len: int = 0
     tts_len: int = 0
     keep_first_logits: bool = False
+    min_new_tokens: int = 0  # the LLM's eos ids are masked until this many text tokens exist
+    tts_eos_allowed: bool = True
     schedule: ReadWriteSchedule = field(default_factory=ReadWriteSchedule)
+    reads: list[Read] = field(default_factory=list)  # reads whose blocks have started, in order
     text_ids: list[int] = field(default_factory=list)
     hiddens: list[torch.Tensor] = field(default_factory=list)  # (H,) state that predicted text_ids[i]
     next_token: int | None = None  # sampled, not yet fed to the LLM
@@ -95,8 +120,13 @@ class Reply:
         max_new_tokens: int | None = None,
         seed: int = 0,
         keep_first_logits: bool = False,
+        final_units: int = FINAL_UNIT_LIMIT,
+        forced: ForcedLength | None = None,
     ) -> Reply:
-        """A reply with the model's decoding defaults; `temperature` 0 makes text AND units greedy."""
+        """A reply with the model's decoding defaults; `temperature` 0 makes text AND units greedy.
+
+        `final_units` caps the units written after the final read; `forced` overrides it and
+        `max_new_tokens` (see ForcedLength)."""
         text_params = lm.generation.sampling
         if temperature is not None:
             text_params = GREEDY if temperature <= 0 else SamplingParams(
@@ -108,6 +138,8 @@ class Reply:
         tts_params = GREEDY if text_params.greedy else TTS_SAMPLING
         generators = [torch.Generator(device=lm.device).manual_seed(seed + i) for i in (0, 1)]
         cfg = lm.config
+        if forced is not None:
+            max_new_tokens, final_units = forced.text_tokens, forced.final_units
         return cls(
             llm_slot=llm_slot,
             tts_slot=tts_slot,
@@ -118,7 +150,9 @@ class Reply:
             text_generator=generators[0],
             tts_generator=generators[1],
             keep_first_logits=keep_first_logits,
-            schedule=ReadWriteSchedule(cfg.read_tokens, cfg.write_units),
+            min_new_tokens=0 if forced is None else forced.text_tokens,
+            tts_eos_allowed=forced is None,
+            schedule=ReadWriteSchedule(cfg.read_tokens, cfg.write_units, final_units),
         )
 
     @property
@@ -137,18 +171,38 @@ class Reply:
     def units(self) -> list[int]:
         return self.schedule.units
 
+    @property
+    def text_lead(self) -> int:
+        """Text tokens that no started TTS block has read yet (how far text runs ahead of speech)."""
+        return len(self.text_ids) - (self.reads[-1].stop if self.reads else 0)
+
     def drain(self) -> list[ReplyOut]:
         out, self.outbox = self.outbox, []
         return out
 
 
+def _eos_ban(lm: SpeechLM, banned: Sequence[bool], eos_ids: Sequence[int], base: torch.Tensor | None,
+             V: int) -> torch.Tensor | None:
+    """(B, V) allowed-token mask with `eos_ids` off in the banned rows (None when no row is banned)."""
+    if not any(banned):
+        return base
+    allowed = (base if base is not None else torch.ones(V, dtype=torch.bool, device=lm.device))
+    allowed = allowed.expand(len(banned), V).clone()  # (B, V)
+    rows = torch.tensor(banned, device=lm.device)
+    for eos in eos_ids:
+        allowed[:, eos] &= ~rows
+    return allowed
+
+
 def _take_text(lm: SpeechLM, replies: Sequence[Reply], hidden: torch.Tensor, logits: torch.Tensor) -> None:
     """Sample each reply's next text token from (B, V) logits; pair it with the (B, H) state."""
     history = [r.text_ids for r in replies]
-    tokens = sample(
-        logits.float(), [r.text_params for r in replies], [r.text_generator for r in replies], history
-    ).tolist()
     eos_ids = lm.generation.eos_token_ids
+    banned = [len(r.text_ids) + 1 < r.min_new_tokens for r in replies]
+    allowed = _eos_ban(lm, banned, eos_ids, None, logits.shape[-1])
+    tokens = sample(
+        logits.float(), [r.text_params for r in replies], [r.text_generator for r in replies], history, allowed
+    ).tolist()
     for b, (reply, token) in enumerate(zip(replies, tokens, strict=True)):
         if reply.keep_first_logits and reply.first_logits is None:
             reply.first_logits = logits[b].float().cpu()
@@ -160,7 +214,9 @@ def _take_text(lm: SpeechLM, replies: Sequence[Reply], hidden: torch.Tensor, log
         elif len(reply.text_ids) >= reply.max_new_tokens:
             reply.finish_reason = "max_tokens"
         reply.next_token = None if reply.finish_reason else token
-        reply.schedule.text_token(finished=reply.finish_reason is not None)
+        read = reply.schedule.text_token(finished=reply.finish_reason is not None)
+        if read is not None:
+            reply.reads.append(read)
 
 
 def _rows(items: Sequence[torch.Tensor], starts: Sequence[int], device: torch.device):
@@ -228,7 +284,8 @@ def decode_tts(lm: SpeechLM, replies: Sequence[Reply], tts_cache: KVCache, *, co
     logits = lm.tts(x, positions, tts_cache, slots, valid, kv_len)  # (B, V_tts)
     for reply, item in zip(replies, inputs, strict=True):
         reply.tts_len += item.shape[0]
-    allowed = lm.unit_allowed if constrained else None
+    banned = [not r.tts_eos_allowed for r in replies]
+    allowed = _eos_ban(lm, banned, [lm.tok.tts_eos_id], lm.unit_allowed if constrained else None, logits.shape[-1])
     ids = sample(
         logits.float(), [r.tts_params for r in replies], [r.tts_generator for r in replies], None, allowed
     ).tolist()
@@ -246,4 +303,6 @@ def decode_tts(lm: SpeechLM, replies: Sequence[Reply], tts_cache: KVCache, *, co
                 assert reply.finish_reason is not None
                 reply.outbox.append(DoneOut(reply.finish_reason))
             else:
-                reply.schedule.next_read()
+                read = reply.schedule.next_read()
+                if read is not None:
+                    reply.reads.append(read)

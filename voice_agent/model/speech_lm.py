@@ -199,9 +199,9 @@ class SpeechLM:
         else:
             n = N_SAMPLES
         batch = torch.zeros(len(audios), n)
-        for i, a in enumerate(audios):
-            a = torch.as_tensor(np.asarray(a, dtype=np.float32))[:n]
-            batch[i, : len(a)] = a
+        for i, audio in enumerate(audios):
+            row = torch.as_tensor(np.asarray(audio, dtype=np.float32))[:n]
+            batch[i, : len(row)] = row
         mel = log_mel_spectrogram(batch.to(self.device), n_mels=self.encoder.n_mels, pad_to=n)  # (B, M, T_mel)
         enc = self.encoder(mel.to(self.dtype), unpadded=self.unpadded)  # (B, T_enc, D_enc)
         if self.unpadded:
