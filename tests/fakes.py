@@ -1,0 +1,187 @@
+"""Test fakes: FakeEngine, FakeEnergyClassifier, and test signals (`tone`, `silence`).
+
+FakeEngine is a fake of `voice_agent.events.Engine` for server and session tests (no model, no torch).
+
+It emits a scripted reply block by block (a text delta, then `block_ms` of a 24 kHz sine) with a small
+sleep per block standing in for an engine step, honours `cancel(played_ms)` within one step (history
+keeps only the words whose audio had started playing), records what it was asked, and keeps each
+session's history separate. Scripted failures by voice name: "fake-crash" makes the turn's iterator
+raise RuntimeError, "fake-error" makes it yield a TurnError. Never use it to claim model behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from voice_agent.events import (
+    INPUT_SAMPLE_RATE,
+    OUTPUT_SAMPLE_RATE,
+    AdmissionError,
+    AudioChunk,
+    EngineEvent,
+    EngineInfo,
+    ResponseDone,
+    TextDelta,
+    TurnError,
+    TurnRejected,
+    TurnSettings,
+    TurnTimings,
+)
+
+FAKE_TONE_HZ = 330.0
+FAKE_AMPLITUDE = 0.2
+
+
+def tone(ms: float, hz: float = 440.0, amp: float = 0.3) -> np.ndarray:
+    """A 16 kHz sine: "speech" to webrtcvad in every mode (a stand-in for a voice in fast tests)."""
+    t = np.arange(int(ms * INPUT_SAMPLE_RATE / 1000)) / INPUT_SAMPLE_RATE
+    return (amp * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def silence(ms: float) -> np.ndarray:
+    """Digital silence at 16 kHz."""
+    return np.zeros(int(ms * INPUT_SAMPLE_RATE / 1000), dtype=np.float32)
+
+
+class FakeEnergyClassifier:
+    """A fake VAD classifier: a frame is voiced when its RMS exceeds 0.01. Exact and stateless."""
+
+    def __init__(self, frame_ms: int = 20) -> None:
+        self.frame_samples = frame_ms * INPUT_SAMPLE_RATE // 1000
+
+    def is_speech(self, frame: np.ndarray) -> bool:
+        return float(np.sqrt(np.mean(frame**2))) > 0.01
+
+
+@dataclass
+class FakeTurn:
+    """What one submitted turn looked like to the fake engine."""
+
+    audio_s: float
+    settings: TurnSettings
+    reply: str = ""
+    cancelled_at_ms: float | None = None
+
+
+@dataclass
+class FakeEngineSession:
+    id: str
+    engine: FakeEngine
+    system_prompt: str | None = None
+    turns: list[FakeTurn] = field(default_factory=list)
+    history: list[str] = field(default_factory=list)  # the kept reply text of each turn
+    closed: bool = False
+    _running: bool = False
+    _cancel: bool = False
+    _played_ms: float | None = None
+
+    def submit_turn(
+        self, audio: np.ndarray, settings: TurnSettings, *, speech_end: float | None = None
+    ) -> AsyncIterator[EngineEvent]:
+        if self.closed:
+            raise TurnRejected(f"session {self.id} is closed")
+        if self._running:
+            raise TurnRejected(f"expected no running turn on session {self.id}, got one running")
+        if audio.ndim != 1 or audio.dtype != np.float32:
+            raise TurnRejected(f"expected (T,) float32 audio, got {audio.dtype} {audio.shape}")
+        self._running, self._cancel, self._played_ms = True, False, None
+        turn = FakeTurn(audio_s=len(audio) / INPUT_SAMPLE_RATE, settings=settings)
+        self.turns.append(turn)
+        return self._run(turn, time.monotonic() if speech_end is None else speech_end)
+
+    def cancel(self, played_ms: float | None = None) -> None:
+        if self._running:
+            self._cancel, self._played_ms = True, played_ms
+            self.engine.cancels.append((self.id, played_ms))
+
+    async def close(self) -> None:
+        self.cancel()
+        self.closed = True
+        self.engine.open_count -= 1
+
+    async def _run(self, turn: FakeTurn, speech_end: float) -> AsyncIterator[EngineEvent]:
+        e = self.engine
+        timings = TurnTimings(speech_end=speech_end, submitted=time.monotonic())
+        words = [f"[{self.id} turn {len(self.turns)}]", *e.words][: e.blocks]
+        starts: list[float] = []
+        reason = "eos"
+        try:
+            if turn.settings.voice == "fake-crash":
+                await asyncio.sleep(e.step_s)
+                raise RuntimeError("FakeEngine scripted crash")
+            if turn.settings.voice == "fake-error":
+                await asyncio.sleep(e.step_s)
+                yield TurnError("engine_error", "FakeEngine scripted turn error")
+                return
+            for i, word in enumerate(words):
+                await asyncio.sleep(e.step_s)
+                if self._cancel:
+                    reason = "cancelled"
+                    break
+                start_ms = i * e.block_ms
+                starts.append(start_ms)
+                timings.first_text = timings.first_text or time.monotonic()
+                yield TextDelta(word + " ")
+                timings.first_audio = timings.first_audio or time.monotonic()
+                yield AudioChunk(e.tone(start_ms), start_ms)
+            if self._cancel:
+                reason = "cancelled"
+            kept = words[: len(starts)]
+            if reason == "cancelled" and self._played_ms is not None:
+                kept = [w for w, s in zip(words, starts, strict=False) if s < self._played_ms]
+                turn.cancelled_at_ms = self._played_ms
+            turn.reply = " ".join(kept)
+            self.history.append(turn.reply)
+            timings.done = time.monotonic()
+            yield ResponseDone(turn.reply, reason, timings, audio_ms=len(starts) * e.block_ms)  # type: ignore[arg-type]
+        finally:
+            self._running = False
+
+
+class FakeEngine:
+    """A fake Engine: see the module docstring. `blocks` words of `block_ms` audio per reply."""
+
+    def __init__(
+        self,
+        *,
+        blocks: int = 8,
+        block_ms: float = 200.0,
+        step_s: float = 0.01,
+        max_sessions: int = 4,
+        ready: bool = True,
+        demo: bool = True,
+    ) -> None:
+        self.blocks, self.block_ms, self.step_s, self.max_sessions = blocks, block_ms, step_s, max_sessions
+        self.words = [f"w{i}" for i in range(blocks)]
+        self.info = EngineInfo(model_name="FakeEngine", demo=demo, device="cpu", dtype="float32",
+                               voices=("default", "alt"))
+        self._ready = ready
+        self._ids = itertools.count(1)
+        self.sessions: list[FakeEngineSession] = []
+        self.cancels: list[tuple[str, float | None]] = []
+        self.open_count = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def open_session(self, *, system_prompt: str | None = None) -> FakeEngineSession:
+        if self.open_count >= self.max_sessions:
+            raise AdmissionError(f"expected at most {self.max_sessions} sessions, got one more")
+        self.open_count += 1
+        s = FakeEngineSession(id=f"fake{next(self._ids)}", engine=self, system_prompt=system_prompt)
+        self.sessions.append(s)
+        return s
+
+    def tone(self, start_ms: float) -> np.ndarray:
+        """`block_ms` of a sine, continuous across blocks: (N,) float32 at 24 kHz."""
+        n = int(round(self.block_ms * OUTPUT_SAMPLE_RATE / 1000))
+        t0 = int(round(start_ms * OUTPUT_SAMPLE_RATE / 1000))
+        t = (t0 + np.arange(n)) / OUTPUT_SAMPLE_RATE
+        return (FAKE_AMPLITUDE * np.sin(2 * np.pi * FAKE_TONE_HZ * t)).astype(np.float32)

@@ -1,0 +1,265 @@
+"""Turn detection: where user speech starts and where the user's turn ends. Pure; no I/O, no clock.
+
+`TurnDetector.feed(pcm)` takes 16 kHz float32 mono audio in pieces of any length, classifies it frame
+by frame and returns `VadSpeechStarted` / `VadSpeechStopped` events in stream time (milliseconds of
+audio fed so far), so results do not depend on how the audio was chunked.
+
+Rules (all durations are settings, see `VadSettings`):
+- speech starts after `speech_start_ms` of consecutive voiced frames; the event's `at_ms` is the start
+  of the first of them, and the turn's audio begins `prefix_padding_ms` before that;
+- the turn ends at the end of the frame in which the run of unvoiced frames reaches `silence_ms`, i.e.
+  never more than one frame after the silence limit; silence is counted from the first frame the
+  classifier calls unvoiced (webrtcvad itself holds "speech" for a few frames after energy stops);
+- a turn longer than `max_turn_ms` is cut there (reason "max_length").
+
+Classifiers: webrtcvad (default; 10/20/30 ms frames, aggressiveness 0-3) calls steady noise and tones
+speech, so noisy rooms should use silero-vad (`kind="silero"`, 32 ms frames, probability threshold),
+an optional dependency imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Literal, Protocol
+
+import numpy as np
+
+from voice_agent.errors import VoiceAgentError
+
+SAMPLE_RATE_HZ = 16_000  # the detector's (and the model's) input rate
+SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000  # 16
+WEBRTC_FRAME_MS = (10, 20, 30)  # the only frame lengths webrtcvad accepts
+SILERO_FRAME_SAMPLES = 512  # silero-vad's window at 16 kHz
+SILERO_FRAME_MS = SILERO_FRAME_SAMPLES // SAMPLES_PER_MS  # 32
+PCM16_FULL_SCALE = 32767.0
+
+
+class VadSettingsError(VoiceAgentError, ValueError):
+    """A VAD setting is out of range."""
+
+    code = "bad_vad_settings"
+
+
+class VadUnavailable(VoiceAgentError):
+    """The chosen VAD backend is not installed."""
+
+    code = "vad_unavailable"
+
+
+@dataclass(frozen=True)
+class VadSettings:
+    """Turn-detection settings. `frame_ms` is the classifier's frame (silero always uses 32 ms)."""
+
+    kind: Literal["webrtc", "silero"] = "webrtc"
+    aggressiveness: int = 2  # webrtcvad mode 0 (least) .. 3 (most aggressive in calling frames unvoiced)
+    frame_ms: int = 20
+    speech_start_ms: int = 150  # consecutive voiced audio before speech "starts"
+    silence_ms: int = 500  # unvoiced audio that ends the turn
+    prefix_padding_ms: int = 300  # audio kept before the start of speech
+    max_turn_ms: int = 30_000  # a turn is cut here (Whisper's window is 30 s)
+    silero_threshold: float = 0.5  # speech probability above which a silero frame is voiced
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, expected: str, got: object) -> None:
+            if not ok:
+                raise VadSettingsError(f"VAD {name}: expected {expected}, got {got!r}")
+
+        need(self.kind in ("webrtc", "silero"), "kind", "'webrtc' or 'silero'", self.kind)
+        need(_is_int(self.aggressiveness) and 0 <= self.aggressiveness <= 3, "aggressiveness",
+             "an integer 0..3", self.aggressiveness)
+        if self.kind == "webrtc":
+            need(self.frame_ms in WEBRTC_FRAME_MS, "frame_ms", f"one of {WEBRTC_FRAME_MS}", self.frame_ms)
+        for name, lo, hi in (("speech_start_ms", 0, 2_000), ("silence_ms", 50, 10_000),
+                             ("prefix_padding_ms", 0, 2_000), ("max_turn_ms", 1_000, 120_000)):
+            value = getattr(self, name)
+            need(_is_int(value) and lo <= value <= hi, name, f"an integer {lo}..{hi}", value)
+        need(isinstance(self.silero_threshold, (int, float)) and 0.0 < self.silero_threshold < 1.0,
+             "silero_threshold", "a number in (0, 1)", self.silero_threshold)
+
+    @property
+    def effective_frame_ms(self) -> int:
+        return SILERO_FRAME_MS if self.kind == "silero" else self.frame_ms
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class VoiceClassifier(Protocol):
+    """Says whether one frame (`frame_samples` float32 samples at 16 kHz) is speech."""
+
+    frame_samples: int
+
+    def is_speech(self, frame: np.ndarray) -> bool: ...
+
+
+class WebrtcClassifier:
+    """webrtcvad's GMM classifier. It adapts to its input, so use one instance per audio stream."""
+
+    def __init__(self, aggressiveness: int, frame_ms: int) -> None:
+        import webrtcvad
+
+        self._vad = webrtcvad.Vad(aggressiveness)
+        self.frame_samples = frame_ms * SAMPLES_PER_MS
+
+    def is_speech(self, frame: np.ndarray) -> bool:
+        pcm = (np.clip(frame, -1.0, 1.0) * PCM16_FULL_SCALE).astype("<i2")
+        return bool(self._vad.is_speech(pcm.tobytes(), SAMPLE_RATE_HZ))
+
+
+class SileroClassifier:
+    """silero-vad (ONNX, one thread); one instance per stream because the model keeps state."""
+
+    def __init__(self, threshold: float) -> None:
+        try:
+            import torch
+        except ImportError as e:
+            raise VadUnavailable("VAD kind 'silero' needs torch, which is not installed") from e
+        threads = torch.get_num_threads()
+        try:
+            from silero_vad import load_silero_vad
+        except ImportError as e:
+            raise VadUnavailable(
+                "VAD kind 'silero' needs the silero-vad package: pip install silero-vad "
+                "(or choose --vad webrtc)"
+            ) from e
+        finally:
+            torch.set_num_threads(threads)  # importing silero_vad sets torch to one thread
+        self._torch = torch
+        self._model = load_silero_vad(onnx=True)
+        self.threshold = threshold
+        self.frame_samples = SILERO_FRAME_SAMPLES
+
+    def is_speech(self, frame: np.ndarray) -> bool:
+        x = self._torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32))
+        return float(self._model(x, SAMPLE_RATE_HZ).item()) >= self.threshold
+
+
+def make_classifier(settings: VadSettings) -> VoiceClassifier:
+    """A fresh classifier for one audio stream."""
+    if settings.kind == "silero":
+        return SileroClassifier(settings.silero_threshold)
+    return WebrtcClassifier(settings.aggressiveness, settings.frame_ms)
+
+
+@dataclass(frozen=True)
+class VadSpeechStarted:
+    at_ms: float  # stream time of the start of the first voiced frame of the starting run
+
+
+@dataclass(frozen=True)
+class VadSpeechStopped:
+    at_ms: float  # stream time of the end of the last voiced frame
+    detected_ms: float  # stream time at which the end was decided
+    audio: np.ndarray  # (T,) float32 16 kHz: prefix padding + speech + trailing pad
+    reason: Literal["silence", "max_length"] = "silence"
+
+    @property
+    def end_of_turn_ms(self) -> float:
+        """How long the detector waited after the speech before ending the turn."""
+        return self.detected_ms - self.at_ms
+
+
+VadEvent = VadSpeechStarted | VadSpeechStopped
+
+
+class VadState(Enum):
+    SILENCE = "silence"
+    SPEECH = "speech"
+
+
+class TurnDetector:
+    """Feeds frames to a classifier and applies the start / end-of-turn rules in stream time."""
+
+    def __init__(self, settings: VadSettings, classifier: VoiceClassifier | None = None) -> None:
+        self.settings = settings
+        self._clf = classifier if classifier is not None else make_classifier(settings)
+        self._n = self._clf.frame_samples
+        self._frame_ms = self._n / SAMPLES_PER_MS
+        self._start_frames = max(1, math.ceil(settings.speech_start_ms / self._frame_ms))
+        self._stop_frames = max(1, math.ceil(settings.silence_ms / self._frame_ms))
+        self._pad_frames = math.ceil(settings.prefix_padding_ms / self._frame_ms)
+        self._max_frames = math.ceil(settings.max_turn_ms / self._frame_ms)
+        self._pending = np.zeros(0, dtype=np.float32)  # samples not yet a whole frame
+        self._frames_seen = 0
+        self.state = VadState.SILENCE
+        # While silent: recent frames (for prefix padding and the starting run) and the voiced run.
+        self._recent: deque[np.ndarray] = deque(maxlen=self._pad_frames + self._start_frames)
+        self._voiced_run = 0
+        # While speaking: the turn's frames, where speech started, the last voiced frame, unvoiced run.
+        self._turn: list[np.ndarray] = []
+        self._speech_start_frame = 0
+        self._last_voiced_frame = 0
+        self._unvoiced_run = 0
+
+    @property
+    def stream_ms(self) -> float:
+        """Milliseconds of audio classified so far."""
+        return self._frames_seen * self._frame_ms
+
+    @property
+    def voiced_ms(self) -> float:
+        """While speaking: from the start of speech to the end of the latest voiced frame; else 0."""
+        if self.state is not VadState.SPEECH:
+            return 0.0
+        return (self._last_voiced_frame + 1 - self._speech_start_frame) * self._frame_ms
+
+    def feed(self, pcm: np.ndarray) -> list[VadEvent]:
+        """Classify `pcm` ((T,) float32 at 16 kHz, any T) and return the events it completes."""
+        if pcm.ndim != 1:
+            raise ValueError(f"expected mono audio of shape (T,), got shape {pcm.shape}")
+        x = np.concatenate([self._pending, pcm.astype(np.float32, copy=False)])
+        whole = len(x) // self._n * self._n
+        self._pending = x[whole:]
+        events: list[VadEvent] = []
+        for frame in x[:whole].reshape(-1, self._n):  # (F, frame_samples)
+            events.extend(self._step(frame, self._clf.is_speech(frame)))
+        return events
+
+    def _step(self, frame: np.ndarray, voiced: bool) -> list[VadEvent]:
+        index = self._frames_seen
+        self._frames_seen += 1
+        if self.state is VadState.SILENCE:
+            self._recent.append(frame)
+            self._voiced_run = self._voiced_run + 1 if voiced else 0
+            if self._voiced_run < self._start_frames:
+                return []
+            self.state = VadState.SPEECH
+            self._speech_start_frame = index + 1 - self._start_frames
+            self._last_voiced_frame = index
+            self._unvoiced_run = 0
+            self._turn = list(self._recent)  # prefix padding + the starting run
+            self._recent.clear()
+            self._voiced_run = 0
+            return [VadSpeechStarted(at_ms=self._speech_start_frame * self._frame_ms)]
+        self._turn.append(frame)
+        if voiced:
+            self._last_voiced_frame = index
+            self._unvoiced_run = 0
+        else:
+            self._unvoiced_run += 1
+        if self._unvoiced_run >= self._stop_frames:
+            return [self._stop(index, "silence")]
+        if len(self._turn) >= self._max_frames:
+            return [self._stop(index, "max_length")]
+        return []
+
+    def _stop(self, index: int, reason: Literal["silence", "max_length"]) -> VadSpeechStopped:
+        keep = len(self._turn) - max(0, self._unvoiced_run - self._pad_frames)  # trim trailing silence
+        audio = np.concatenate(self._turn[:keep]) if keep > 0 else np.zeros(0, np.float32)
+        event = VadSpeechStopped(
+            at_ms=(self._last_voiced_frame + 1) * self._frame_ms,
+            detected_ms=(index + 1) * self._frame_ms,
+            audio=audio,
+            reason=reason,
+        )
+        self.state = VadState.SILENCE
+        self._turn = []
+        self._unvoiced_run = 0
+        return event
