@@ -134,8 +134,9 @@ class EngineSession(Protocol):
         ...
 
     def cancel(self, played_ms: float | None = None) -> None:
-        """Stop the running turn within one engine step; keep history up to `played_ms` of its audio
-        (None: keep what was generated). A no-op when no turn runs."""
+        """Stop the running turn within one engine step and keep history up to `played_ms` of its audio
+        (None: keep what was generated). When no turn runs, the last reply's history is cut to
+        `played_ms` (the listener interrupted the playback of a reply that had finished generating)."""
         ...
 
     async def close(self) -> None: ...
@@ -155,6 +156,15 @@ class Engine(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+    async def start(self) -> None:
+        """Start loading and warming the model without blocking the event loop; `ready` turns True
+        once it is done."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop the engine and release the model."""
+        ...
 
     def open_session(self, *, system_prompt: str | None = None) -> EngineSession:
         """Raises AdmissionError when the engine is full."""
