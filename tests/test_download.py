@@ -32,7 +32,9 @@ def test_default_fetches_the_model_and_the_decoder(tmp_path):
     hub, urls = asked(["--models-dir", str(tmp_path)])
     assert [j.repo_id for j in hub] == ["ICTNLP/LLaMA-Omni2-0.5B", "ICTNLP/cosy2_decoder"]
     assert hub[0].local_dir == tmp_path / "LLaMA-Omni2-0.5B" and hub[1].local_dir == tmp_path / "cosy2_decoder"
-    assert urls == []
+    assert [u.path for u in urls] == [tmp_path / "cosy2_decoder" / "prompt_en.wav",
+                                      tmp_path / "cosy2_decoder" / "prompt_zh.wav"]
+    assert all(u.url.startswith("https://raw.githubusercontent.com/ictnlp/LLaMA-Omni2/") for u in urls)
     assert selected(hub[1], OFFICIAL_DECODER) == ["flow.pt", "hift.pt", "campplus.onnx", "cosyvoice.yaml",
                                                   "spk2info.pt"]
     assert set(selected(hub[0], OFFICIAL_MODEL)) == set(OFFICIAL_MODEL) - {"README.md", ".gitattributes"}
@@ -42,8 +44,8 @@ def test_named_model_revision_and_whisper(tmp_path):
     hub, urls = asked(["--model", "LLaMA-Omni2-7B-Bilingual", "--revision", "abc", "--whisper", "--no-decoder",
                        "--models-dir", str(tmp_path)])
     assert [(j.repo_id, j.revision) for j in hub] == [("ICTNLP/LLaMA-Omni2-7B-Bilingual", "abc")]
-    assert urls[0].path == tmp_path / "speech_encoder" / "large-v3.pt"
-    assert urls[0].url.endswith("/large-v3.pt") and urls[0].sha256 in urls[0].url
+    assert [u.path for u in urls] == [tmp_path / "speech_encoder" / "large-v3.pt"]  # no decoder, no prompts
+    assert urls[0].url.endswith("/large-v3.pt") and urls[0].sha256 and urls[0].sha256 in urls[0].url
 
 
 def test_unknown_model_is_refused():

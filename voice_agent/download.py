@@ -6,6 +6,9 @@ What is fetched (see models/README.md for sizes):
 - `ICTNLP/cosy2_decoder` -> models/cosy2_decoder/ : flow.pt, hift.pt, campplus.onnx, cosyvoice.yaml and
   spk2info.pt when present. The CosyVoice2 text LLM (`CosyVoice-BlankEN/`, ~1 GB) and the speech
   tokenizer ONNX are not used by voice-agent and are skipped.
+- the reference's voice prompt recordings `prompt_en.wav` / `prompt_zh.wav` (from the LLaMA-Omni2
+  repository on GitHub) -> models/cosy2_decoder/, from which the default voices are computed once with
+  CAM++ and cached (voice.py).
 - with `--whisper`: openai-whisper's large-v3.pt -> models/speech_encoder/large-v3.pt, checked against
   the SHA-256 in its URL. Not needed to run: every LLaMA-Omni2 checkpoint carries the encoder weights.
 
@@ -45,6 +48,8 @@ WHISPER_URL = (
     "e5b1a55b89c1367dacf97e3e19bfd829a01529dbfdeefa8caeb59b3f1b81dadb/large-v3.pt"
 )
 WHISPER_PATH = Path("speech_encoder") / "large-v3.pt"
+PROMPT_URL = "https://raw.githubusercontent.com/ictnlp/LLaMA-Omni2/main/llama_omni2/inference/{name}"
+PROMPT_FILES = ("prompt_en.wav", "prompt_zh.wav")
 
 
 class DownloadError(VoiceAgentError):
@@ -63,7 +68,7 @@ class HubJob:
 class UrlJob:
     url: str
     path: Path
-    sha256: str
+    sha256: str | None = None  # checked when known
 
 
 def add_download_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,6 +84,7 @@ def plan(args: argparse.Namespace) -> list[HubJob | UrlJob]:
     jobs: list[HubJob | UrlJob] = [HubJob(f"{HF_ORG}/{args.model}", root / args.model, MODEL_FILES, args.revision)]
     if not args.no_decoder:
         jobs.append(HubJob(DECODER_REPO, root / DECODER_DIR, DECODER_FILES))
+        jobs += [UrlJob(PROMPT_URL.format(name=name), root / DECODER_DIR / name) for name in PROMPT_FILES]
     if args.whisper:
         jobs.append(UrlJob(WHISPER_URL, root / WHISPER_PATH, WHISPER_URL.rsplit("/", 2)[-2]))
     return jobs
@@ -96,7 +102,7 @@ def _hub_fetch(job: HubJob) -> None:
 def _url_fetch(job: UrlJob) -> None:
     from tqdm import tqdm
 
-    if job.path.is_file() and _sha256(job.path) == job.sha256:
+    if job.path.is_file() and (job.sha256 is None or _sha256(job.path) == job.sha256):
         return
     job.path.parent.mkdir(parents=True, exist_ok=True)
     partial = job.path.with_suffix(job.path.suffix + ".partial")
@@ -106,7 +112,7 @@ def _url_fetch(job: UrlJob) -> None:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))
-    if _sha256(partial) != job.sha256:
+    if job.sha256 is not None and _sha256(partial) != job.sha256:
         raise DownloadError(f"{job.url}: SHA-256 mismatch, expected {job.sha256}; the partial file is {partial}")
     partial.replace(job.path)
 
