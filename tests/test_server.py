@@ -217,6 +217,17 @@ async def test_too_many_bad_messages_close_the_connection() -> None:
         assert close_code(info.value) == 4002
 
 
+async def test_a_connection_that_never_starts_is_closed(monkeypatch) -> None:
+    import voice_agent.server as server
+
+    monkeypatch.setattr(server, "START_TIMEOUT_S", 0.3)
+    async with serve(FakeEngine()) as addr, client(addr) as c:
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await c.until("never")
+        assert close_code(info.value) == 4003
+        assert c.events[-1]["code"] == "start_timeout" and c.events[-1]["fatal"] is True
+
+
 async def test_two_concurrent_sessions_keep_separate_conversations() -> None:
     engine = FakeEngine(blocks=4, step_s=0.02)
 

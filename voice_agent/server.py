@@ -67,6 +67,7 @@ WS_MAX_MESSAGE_BYTES = 1 << 20  # uvicorn refuses (1009) larger WebSocket messag
 CLOSE_REASON_MAX_BYTES = 123  # RFC 6455 limit for a close frame's reason
 CLOSE_TIMEOUT_S = 5.0  # how long a closing connection lingers to tell its client why
 MAX_PROTOCOL_ERRORS = 100  # bad messages tolerated on one connection
+START_TIMEOUT_S = 10.0  # a connection must send its start message within this
 
 CLOSE_NORMAL = 1000
 CLOSE_POLICY_VIOLATION = 1008  # no or wrong API key
@@ -74,6 +75,7 @@ CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013  # engine full or still loading
 CLOSE_SLOW_CLIENT = 4001  # the client did not read its messages
 CLOSE_TOO_MANY_ERRORS = 4002  # MAX_PROTOCOL_ERRORS bad messages
+CLOSE_NO_START = 4003  # no start message within START_TIMEOUT_S
 
 
 class Unauthorized(VoiceAgentError):
@@ -88,6 +90,10 @@ class SlowClient(VoiceAgentError):
     code = "slow_client"
 
 
+class NoStart(VoiceAgentError):
+    code = "start_timeout"
+
+
 class TooManyErrors(VoiceAgentError):
     code = "too_many_errors"
 
@@ -100,6 +106,7 @@ def close_for(exc: BaseException) -> tuple[int, ErrorEvent]:
         NotReady: CLOSE_TRY_AGAIN_LATER,
         SlowClient: CLOSE_SLOW_CLIENT,
         TooManyErrors: CLOSE_TOO_MANY_ERRORS,
+        NoStart: CLOSE_NO_START,
     }
     for kind, close_code in codes.items():
         if isinstance(exc, kind):
@@ -204,7 +211,13 @@ class Connection:
 
     async def _receive_loop(self) -> None:
         while True:
-            message = await self.ws.receive()
+            if self.session is None:
+                with anyio.move_on_after(START_TIMEOUT_S) as waiting:
+                    message = await self.ws.receive()
+                if waiting.cancelled_caught:
+                    raise NoStart(f"expected a 'start' message within {START_TIMEOUT_S:g} s of connecting, got none")
+            else:
+                message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
             now = time.monotonic()
