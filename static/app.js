@@ -65,11 +65,27 @@ async function loadInfo() {
 
 // ---- connection --------------------------------------------------------------------------------
 
+// The server refuses sessions while its model loads: wait for readyz instead of failing.
+async function waitReady() {
+  for (;;) {
+    try {
+      const response = await fetch("readyz", { cache: "no-store" });
+      if (response.ok) return;
+    } catch {
+      // server restarting: keep waiting
+    }
+    setStatus("model loading…");
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
+}
+
 async function start() {
   $("start").disabled = true;
   showError("");
   setStatus("starting…");
   try {
+    await waitReady();
+    setStatus("starting…");
     const stream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
     });

@@ -6,7 +6,9 @@ capture speech, get the turn ended by the server, receive text and audio interle
 (non-zero played samples), and on the second utterance stop playback at once and show `interrupted`;
 the second utterance then becomes the next turn.
 
-Which engine answers is the `engine_factory` fixture: FakeEngine for now (see its docstring).
+The engine is the real one, built as `voice-agent serve` builds it on a machine without weights: the
+embedded tiny random-weight demo model (written by `make_tiny` in the official layout). Its replies are
+noise and gibberish, but every byte goes through the real model path, and the page shows the demo banner.
 
 Needs: apt packages chromium, chromium-driver, espeak-ng (skipped, with the reason, when missing).
 """
@@ -25,10 +27,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import uvicorn
-from fakes import FakeEngine
 
 from voice_agent.audio import load_audio
 from voice_agent.config import ServerConfig
+from voice_agent.engine import build_engine
 from voice_agent.events import Engine
 from voice_agent.server import build_app, uvicorn_options
 
@@ -51,10 +53,12 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def engine_factory() -> Callable[[], Engine]:
-    """The engine behind the page. FAKE: FakeEngine (scripted words + 24 kHz sine, 40 blocks of 250 ms
-    = 10 s per reply). To be switched to the real engine on the embedded tiny model once it lands."""
-    return lambda: FakeEngine(blocks=40, block_ms=250.0, step_s=0.05)
+def engine_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], Engine]:
+    """The real engine with no weights present: the server's embedded demo model (random replies run to
+    the 1024-unit final flush, about 40 s of audio, so the second utterance lands during playback)."""
+    monkeypatch.chdir(tmp_path)  # no models/ here
+    monkeypatch.setenv("VOICE_AGENT_CACHE", str(tmp_path / "cache"))
+    return lambda: build_engine(ServerConfig())
 
 
 def speak(text: str, path: Path) -> np.ndarray:
