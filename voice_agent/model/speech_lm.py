@@ -4,9 +4,8 @@
 the Whisper encoder (from the checkpoint's `model.speech_encoder.*`, or from an openai-whisper `.pt`),
 the k=5 adapter, the Qwen2 LLM and the TTS LM with its fusion layers. Sizes come from the checkpoint.
 
-The stage functions are batch-first and stateless; per-reply state lives in `Reply` (reply.py), and the
-batched steps that advance many replies at once are in `steps.py`. The same steps serve the CLI (one
-reply) and the engine (many).
+The stage functions are batch-first and stateless; per-reply state and the batched steps that advance
+many replies at once live in reply.py. The same steps serve the CLI (one reply) and the engine (many).
 
 Faithful by default (architecture.md §2-3): the user's audio is padded to 30 s before the log-mel and
 the encoder (300 speech embeddings per turn); the prompt is the model's own chat template; LLM decoding
