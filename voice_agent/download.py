@@ -72,7 +72,8 @@ class UrlJob:
 
 
 def add_download_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=MODELS, help=f"LLaMA-Omni2 variant (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=MODELS,
+                   help=f"LLaMA-Omni2 variant (default {DEFAULT_MODEL})")
     p.add_argument("--models-dir", default="models", help="where to put the files (default ./models)")
     p.add_argument("--revision", default=None, help="a commit or tag of the model repository")
     p.add_argument("--no-decoder", action="store_true", help="skip ICTNLP/cosy2_decoder")

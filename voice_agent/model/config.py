@@ -57,9 +57,13 @@ class Qwen2Dims:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise CheckpointError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_heads}")
+            raise CheckpointError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_heads}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise CheckpointError(f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}")
+            raise CheckpointError(
+                f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
+            )
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], where: str) -> Qwen2Dims:
@@ -134,7 +138,9 @@ class OmniConfig:
         read, write = parse_stream_params(d.get("stream_params", "(3,10)"), where)
         encoder_type = _get(d, "speech_encoder_type", str, where, "whisper")
         if "whisper" not in encoder_type.lower():
-            raise CheckpointError(f"{where}: field 'speech_encoder_type' expected a whisper encoder, got {encoder_type!r}")
+            raise CheckpointError(
+                f"{where}: field 'speech_encoder_type' expected a whisper encoder, got {encoder_type!r}"
+            )
         projector = _get(d, "speech_projector_type", str, where, "linear")
         if projector != "linear":
             raise CheckpointError(f"{where}: field 'speech_projector_type' expected 'linear', got {projector!r}")
