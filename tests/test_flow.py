@@ -383,3 +383,21 @@ def test_noise_source_is_deterministic_lazy_and_releasable() -> None:
 def test_flow_block_times_gives_one_time_per_block(flow: Flow) -> None:
     times = flow_block_times(flow, _units(25, 8), block=10)
     assert len(times) == 3 and all(t > 0 for t in times)
+
+
+def test_estimator_shortcuts_without_padding_give_the_same_numbers(flow: Flow) -> None:
+    """No padded row: the mask multiplications are skipped and one bias (or none, T <= chunk) is shared by
+    every row; the result must equal the general padded path bit for bit."""
+    est = flow.decoder.estimator
+    g = torch.Generator().manual_seed(3)
+    for T in (60, 230):  # within one chunk (no bias at all), across chunks (one shared bias)
+        x, mu, cond = (torch.randn(3, 80, T, generator=g) for _ in range(3))
+        spks, t = torch.randn(3, 80, generator=g), torch.rand(3, generator=g)
+        mask = torch.ones(3, 1, T)
+        general = chunk_mask(T, est.chunk)[None].expand(3, -1, -1)  # (B, T, T) as for padded rows
+        bias = ((1.0 - general.float()) * torch.finfo(torch.float32).min)[:, None]
+        with torch.inference_mode():
+            fast = est(x, mask, mu, t, spks, cond)
+            slow = est(x, mask, mu, t, spks, cond, bias, True)
+        assert (est.attention_bias(mask, torch.float32) is None) == (T <= est.chunk)
+        assert torch.equal(fast, slow)

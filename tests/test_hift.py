@@ -208,3 +208,21 @@ def test_source_module_follows_the_nsf_formula(tiny: HiFT) -> None:
         with torch.no_grad():
             m_source.l_linear.weight.copy_(saved[0])
             m_source.l_linear.bias.copy_(saved[1])
+
+
+def test_excitation_draws_equal_fresh_draws_from_the_session_generator(
+    tiny: HiFT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows draw in place into one batch buffer; the values are those of fresh rand / randn calls."""
+    f0 = torch.full((2, 960), 150.0)
+    with torch.no_grad():
+        got = tiny.m_source(f0, generators(2, 3))
+
+    def fresh(phase: torch.Tensor, noise: torch.Tensor, g: torch.Generator | None) -> None:
+        phase.copy_((torch.rand(phase.shape, generator=g) * 2 - 1) * math.pi)
+        noise.copy_(torch.randn(noise.shape, generator=g))
+
+    monkeypatch.setattr("voice_agent.model.hift._draw_row", fresh)
+    with torch.no_grad():
+        want = tiny.m_source(f0, generators(2, 3))
+    assert torch.equal(got, want)

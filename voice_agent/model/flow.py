@@ -110,9 +110,11 @@ class CausalCFM(nn.Module):
             cond_in = torch.cat([cond, torch.zeros_like(cond)])
         else:
             mask_in, mu_in, spks_in, cond_in = mask, mu, spks, cond
+        padded = not bool(mask.bool().all())
+        bias = self.estimator.attention_bias(mask_in, mu.dtype)  # the same for every step
         for k in range(self.n_timesteps):
             t = t_span[k].expand(mask_in.size(0))
-            v = self.estimator(torch.cat([x, x]) if guided else x, mask_in, mu_in, t, spks_in, cond_in)
+            v = self.estimator(torch.cat([x, x]) if guided else x, mask_in, mu_in, t, spks_in, cond_in, bias, padded)
             if guided:
                 v_cond, v_uncond = v[:B], v[B:]
                 v = (1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond

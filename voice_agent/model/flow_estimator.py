@@ -66,7 +66,9 @@ class CausalConv1d(nn.Conv1d):
 
 
 class CausalBlock1D(nn.Module):
-    """y = Mish(LayerNorm_channels(CausalConv(x * mask))) * mask; keys `block.0` (conv), `block.2` (norm)."""
+    """y = Mish(LayerNorm_channels(CausalConv(x * mask))) * mask; keys `block.0` (conv), `block.2` (norm).
+
+    `mask` None means every position is valid (the multiplications by ones are skipped; same numbers)."""
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
@@ -74,10 +76,14 @@ class CausalBlock1D(nn.Module):
             {"0": CausalConv1d(dim_in, dim_out, CONV_KERNEL), "2": nn.LayerNorm(dim_out, eps=LN_EPS)}
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.block["0"](x * mask)  # (B, C, T)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.block["0"](_masked(x, mask))  # (B, C, T)
         h = self.block["2"](h.transpose(1, 2)).transpose(1, 2)  # LayerNorm over channels
-        return F.mish(h) * mask
+        return _masked(F.mish(h), mask)
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else x * mask
 
 
 class CausalResnetBlock1D(nn.Module):
@@ -90,11 +96,11 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim_in, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, t_emb: torch.Tensor) -> torch.Tensor:
         h = self.block1(x, mask)
         h = h + self.mlp["1"](F.mish(t_emb))[:, :, None]  # (B, C, 1) broadcast over time
         h = self.block2(h, mask)
-        return h + self.res_conv(x * mask)
+        return h + self.res_conv(_masked(x, mask))
 
 
 class Attention(nn.Module):
@@ -109,8 +115,8 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C); bias (B, 1, T, T) additive -> (B, T, C)."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, C); bias (B or 1, 1, T, T) additive, None when every key is visible -> (B, T, C)."""
         B, T, _ = x.shape
 
         def heads(y: torch.Tensor) -> torch.Tensor:
@@ -152,7 +158,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=LN_EPS)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), bias)
         return x + self.ff(self.norm3(x))
 
@@ -165,6 +171,45 @@ def _transformers(cfg: FlowConfig) -> nn.ModuleList:
     )
 
 
+class UNetStage(nn.ModuleList):
+    """One U-Net stage, keys `0` (resnet), `1` (transformer blocks) and, in the down and up stages, `2` (a causal
+    conv applied after the transformers)."""
+
+    def __init__(self, resnet: CausalResnetBlock1D, blocks: nn.ModuleList, conv: CausalConv1d | None = None):
+        super().__init__([resnet, blocks] if conv is None else [resnet, blocks, conv])
+
+    @property
+    def resnet(self) -> CausalResnetBlock1D:
+        m = self[0]
+        assert isinstance(m, CausalResnetBlock1D), f"stage key 0: expected a resnet, got {type(m).__name__}"
+        return m
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        m = self[1]
+        assert isinstance(m, nn.ModuleList), f"stage key 1: expected transformer blocks, got {type(m).__name__}"
+        return m
+
+    def transform(
+        self, x: torch.Tensor, mask: torch.Tensor | None, t_emb: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Resnet then transformer blocks: (B, C_in, T) -> (B, C, T)."""
+        h = self.resnet(x, mask, t_emb).transpose(1, 2).contiguous()  # (B, T, C), dense for the linears
+        for block in self.blocks:
+            h = block(h, bias)
+        return h.transpose(1, 2)  # (B, C, T)
+
+    def conv(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        m = self[2]
+        assert isinstance(m, CausalConv1d), f"stage key 2: expected a causal conv, got {type(m).__name__}"
+        return m(_masked(x, mask))
+
+
+def _stage(m: nn.Module) -> UNetStage:
+    assert isinstance(m, UNetStage), f"expected a U-Net stage, got {type(m).__name__}"
+    return m
+
+
 class CausalUNetEstimator(nn.Module):
     """The velocity field v(x, t | mu, spks, cond) of the conditional flow matching ODE."""
 
@@ -175,45 +220,30 @@ class CausalUNetEstimator(nn.Module):
         self.chunk = cfg.decoder_chunk_frames
         self.time_mlp = TimestepEmbedding(self.in_channels, time_dim)
         self.down_blocks = nn.ModuleList(
-            [
-                nn.ModuleList(
-                    [
-                        CausalResnetBlock1D(self.in_channels, c, time_dim),
-                        _transformers(cfg),
-                        CausalConv1d(c, c, CONV_KERNEL),
-                    ]
-                )
-            ]
+            [UNetStage(CausalResnetBlock1D(self.in_channels, c, time_dim), _transformers(cfg),
+                       CausalConv1d(c, c, CONV_KERNEL))]
         )
         self.mid_blocks = nn.ModuleList(
-            nn.ModuleList([CausalResnetBlock1D(c, c, time_dim), _transformers(cfg)])
+            UNetStage(CausalResnetBlock1D(c, c, time_dim), _transformers(cfg))
             for _ in range(cfg.estimator_num_mid_blocks)
         )
         self.up_blocks = nn.ModuleList(
-            [
-                nn.ModuleList(
-                    [
-                        CausalResnetBlock1D(2 * c, c, time_dim),
-                        _transformers(cfg),
-                        CausalConv1d(c, c, CONV_KERNEL),
-                    ]
-                )
-            ]
+            [UNetStage(CausalResnetBlock1D(2 * c, c, time_dim), _transformers(cfg), CausalConv1d(c, c, CONV_KERNEL))]
         )
         self.final_block = CausalBlock1D(c, c)
         self.final_proj = nn.Conv1d(c, cfg.estimator_out_channels, 1)
 
-    def attention_bias(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """mask (B, 1, T) -> (B, 1, T, T) additive: 0 where visible, dtype-min elsewhere."""
+    def attention_bias(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """mask (B, 1, T) -> additive bias, 0 where visible, dtype-min elsewhere: (B, 1, T, T), or (1, 1, T, T)
+        when no row is padded (shared by every row), or None when moreover every key is visible."""
         T = mask.size(-1)
-        visible = chunk_mask(T, self.chunk, mask.device)[None] & mask.bool()  # (B, T, T)
+        if bool(mask.bool().all()):
+            if T <= self.chunk or self.chunk <= 0:
+                return None
+            visible = chunk_mask(T, self.chunk, mask.device)[None]  # (1, T, T)
+        else:
+            visible = chunk_mask(T, self.chunk, mask.device)[None] & mask.bool()  # (B, T, T)
         return ((1.0 - visible.to(dtype)) * torch.finfo(dtype).min)[:, None]
-
-    def _stage(self, x: torch.Tensor, blocks: nn.ModuleList, bias: torch.Tensor) -> torch.Tensor:
-        x = x.transpose(1, 2)  # (B, T, C)
-        for block in blocks:
-            x = block(x, bias)
-        return x.transpose(1, 2)  # (B, C, T)
 
     def forward(
         self,
@@ -223,21 +253,26 @@ class CausalUNetEstimator(nn.Module):
         t: torch.Tensor,
         spks: torch.Tensor,
         cond: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        padded: bool | None = None,
     ) -> torch.Tensor:
+        """`bias` (from `attention_bias(mask)`) and `padded` (whether any mask entry is 0) are derived from
+        `mask` when not given; a solver calling with the same mask many times passes them once computed."""
         T = x.size(-1)
+        if padded is None:
+            padded = not bool(mask.bool().all())
+            bias = self.attention_bias(mask, x.dtype)
+        m = mask if padded else None  # no padding: skip the multiplications by ones
         t_emb = self.time_mlp(time_sinusoid(t, self.in_channels).to(x.dtype))  # (B, 4C)
         h = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, T), cond], dim=1)  # (B, 320, T)
-        bias = self.attention_bias(mask, x.dtype)
 
-        resnet, blocks, conv = self.down_blocks[0]
-        h = self._stage(resnet(h, mask, t_emb), blocks, bias)
-        skip = h
-        h = conv(h * mask)
-        for resnet, blocks in self.mid_blocks:
-            h = self._stage(resnet(h, mask, t_emb), blocks, bias)
-        resnet, blocks, conv = self.up_blocks[0]
-        h = torch.cat([h, skip], dim=1)  # (B, 2C, T)
-        h = self._stage(resnet(h, mask, t_emb), blocks, bias)
-        h = conv(h * mask)
-        h = self.final_block(h, mask)
-        return self.final_proj(h * mask) * mask
+        down = _stage(self.down_blocks[0])
+        skip = down.transform(h, m, t_emb, bias)
+        h = down.conv(skip, m)
+        for mid in self.mid_blocks:
+            h = _stage(mid).transform(h, m, t_emb, bias)
+        up = _stage(self.up_blocks[0])
+        h = up.transform(torch.cat([h, skip], dim=1), m, t_emb, bias)  # (B, 2C, T) in
+        h = up.conv(h, m)
+        h = self.final_block(h, m)
+        return _masked(self.final_proj(_masked(h, m)), m)

@@ -145,7 +145,8 @@ class Snake(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.alpha[None, :, None]  # (1, C, 1)
-        return x + torch.sin(x * alpha).pow(2) / (alpha + SNAKE_EPS)
+        y = torch.mul(x, alpha)  # one buffer, updated in place: the same operations as the formula
+        return y.sin_().square_().div_(alpha + SNAKE_EPS).add_(x)
 
 
 class ResBlock(nn.Module):
@@ -203,21 +204,29 @@ class SourceModule(nn.Module):
         H = cfg.nb_harmonics + 1
         harmonics = torch.arange(1, H + 1, device=f0.device, dtype=f0.dtype)
         freq = f0[:, None, :] * harmonics[None, :, None] / cfg.sampling_rate  # (B, H, N) cycles per sample
-        theta = 2 * math.pi * (torch.cumsum(freq, dim=-1) % 1)
-        phases, noises = [], []
-        for g in generators:  # one draw per row: phases first, then noise (reproducible per session)
-            dev = g.device if g is not None else f0.device
-            phase = (torch.rand(H, 1, generator=g, device=dev) * 2 - 1) * math.pi  # U(-pi, pi)
-            phase[0] = 0.0  # the fundamental starts at phase 0
-            phases.append(phase)
-            noises.append(torch.randn(H, N, generator=g, device=dev))
-        phase = torch.stack(phases).to(f0.device, f0.dtype)  # (B, H, 1)
-        noise = torch.stack(noises).to(f0.device, f0.dtype)  # (B, H, N)
-        sine = cfg.nsf_alpha * torch.sin(theta + phase)
+        theta = torch.cumsum(freq, dim=-1).remainder_(1).mul_(2 * math.pi)  # (B, H, N)
+        phase = torch.empty(B, H, 1, device=f0.device, dtype=f0.dtype)
+        noise = torch.empty(B, H, N, device=f0.device, dtype=f0.dtype)
+        for b, g in enumerate(generators):  # one draw per row: phases first, then noise (reproducible per session)
+            _draw_row(phase[b], noise[b], g)
+        phase[:, 0] = 0.0  # the fundamental starts at phase 0
+        sine = theta.add_(phase).sin_().mul_(cfg.nsf_alpha)
         uv = (f0[:, None, :] > cfg.nsf_voiced_threshold).to(f0.dtype)  # (B, 1, N)
-        noise = (uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3) * noise
-        sine = sine * uv + noise  # (B, H, N)
+        noise.mul_(uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3)
+        sine = sine.mul_(uv).add_(noise)  # (B, H, N)
         return torch.tanh(self.l_linear(sine.transpose(1, 2))).transpose(1, 2)  # (B, 1, N)
+
+
+def _draw_row(phase: torch.Tensor, noise: torch.Tensor, g: torch.Generator | None) -> None:
+    """Fill one row's initial phases (H, 1) with U(-pi, pi) and its noise (H, N) with N(0, 1) from `g` (None:
+    the global RNG): the same values as drawing fresh float32 tensors on the generator's device."""
+    dev = g.device if g is not None else noise.device
+    if dev == noise.device and noise.dtype == torch.float32:
+        phase.uniform_(generator=g).mul_(2).sub_(1).mul_(math.pi)
+        noise.normal_(generator=g)
+        return
+    phase.copy_((torch.rand(phase.shape, generator=g, device=dev) * 2 - 1) * math.pi)
+    noise.copy_(torch.randn(noise.shape, generator=g, device=dev))
 
 
 class HiFT(nn.Module):
