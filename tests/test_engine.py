@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from voice_agent.engine import Engine, EngineConfig, Models, build_engine, demo_cache_dir
+from voice_agent import __version__
+from voice_agent.engine import Engine, EngineConfig, Models, build_engine
 from voice_agent.events import (
     AdmissionError,
     AudioChunk,
@@ -27,6 +28,7 @@ from voice_agent.model.cosy2 import Cosy2Decoder
 from voice_agent.model.reply import ForcedLength, Reply
 from voice_agent.model.speech_lm import SpeechLM
 from voice_agent.model.tiny import make_tiny
+from voice_agent.model_files import demo_cache_dir
 from voice_agent.runner import ModelWorker
 
 SHORT = ForcedLength(text_tokens=6, final_units=12)  # 2 reads: a 10-unit block, then 12 final units
@@ -36,7 +38,7 @@ SHORT = ForcedLength(text_tokens=6, final_units=12)  # 2 reads: a 10-unit block,
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint set, written where build_engine looks for its demo model."""
     cache = tmp_path_factory.mktemp("cache")
-    root = cache / "demo-tiny-seed0"
+    root = cache / f"demo-tiny-v{__version__}-seed0"
     make_tiny(root, seed=0)
     return root
 
