@@ -58,22 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voice-agent", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the voice agent server (page at /, WebSocket at /ws)")
-    try:
-        from voice_agent.config import ServerConfig
+    from voice_agent.config import ServerConfig  # light: no torch
+    from voice_agent.download import add_download_arguments
 
-        ServerConfig.add_arguments(p)
-    except ImportError:  # the server config lands with the server
-        pass
+    p = sub.add_parser("serve", help="run the voice agent server (page at /, WebSocket at /ws)")
+    ServerConfig.add_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("download", help="download the official model files into models/")
-    try:
-        from voice_agent.download import add_download_arguments
-
-        add_download_arguments(p)
-    except ImportError:
-        pass
+    add_download_arguments(p)
     p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint set in the official layout")
