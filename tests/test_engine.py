@@ -353,3 +353,18 @@ async def test_build_engine_serves_the_demo_model_when_no_weights_exist(
         await session.close()
     finally:
         await engine.aclose()
+
+
+def test_server_options_reach_the_engine(tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from voice_agent.config import ConfigError, ServerConfig
+
+    monkeypatch.setenv("VOICE_AGENT_CACHE", str(tiny_root.parent))
+    engine = build_engine(ServerConfig(context_tokens=1024, kv_budget_mb=64, flow_context_units=0, max_sessions=3))
+    assert engine.config.context_tokens == 1024
+    assert engine.config.kv_budget_bytes == 64 * 2**20
+    assert engine.config.flow_context_units is None  # 0: the reference's full recompute
+    assert engine.config.max_sessions == 3
+    defaults = build_engine(ServerConfig()).config
+    assert (defaults.context_tokens, defaults.kv_budget_bytes, defaults.flow_context_units) == (None, None, 100)
+    with pytest.raises(ConfigError, match="context-tokens"):
+        ServerConfig(context_tokens=100)

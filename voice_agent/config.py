@@ -50,6 +50,12 @@ class ServerConfig:
     device: str = _opt("cpu", "torch device, e.g. cpu or cuda:0")
     dtype: str = _opt("float32", "model dtype", choices=DTYPES)
     max_sessions: int = _opt(4, "concurrent conversations the engine admits", int)
+    context_tokens: int = _opt(0, "KV positions per conversation; older turns are dropped beyond it "
+                                  "(0: the model's tokenizer_model_max_length)", int)
+    kv_budget_mb: int = _opt(0, "KV cache memory for all conversations in MiB; fewer sessions are admitted "
+                                "if it is smaller than max-sessions needs (0: no limit)", int)
+    flow_context_units: int = _opt(100, "speech units of left context the flow recomputes per block "
+                                        "(0: the reference's full recompute, cost growing with the reply)", int)
     system_prompt: str | None = _opt(None, "system prompt of every conversation (default: the model's)")
     voice: str | None = _opt(None, "default voice name (clients may choose another)")
     api_key: str | None = _opt(None, "if set, every WebSocket needs it (Authorization: Bearer KEY, "
@@ -84,6 +90,10 @@ class ServerConfig:
                 need(isinstance(value, str), f.name, "a string")
         need(0 <= self.port <= 65535, "port", "a port number 0..65535")
         need(1 <= self.max_sessions <= 4096, "max_sessions", "an integer 1..4096")
+        need(self.context_tokens == 0 or 512 <= self.context_tokens <= 131_072, "context_tokens",
+             "0 or an integer 512..131072")
+        need(self.kv_budget_mb >= 0, "kv_budget_mb", "an integer >= 0")
+        need(0 <= self.flow_context_units <= 7500, "flow_context_units", "an integer 0..7500")
         need(8 <= self.send_queue_messages <= 100_000, "send_queue_messages", "an integer 8..100000")
         need(10 <= self.slow_client_ms <= 60_000, "slow_client_ms", "an integer 10..60000")
         need(self.api_key is None or len(self.api_key) >= 8, "api_key", "at least 8 characters")

@@ -450,6 +450,13 @@ def build_engine(config: Any) -> Engine:
         log.warning("engine: no cosy2_decoder directory found; replies will have text and units but no audio")
     voices = tuple(directory_voices(paths.vocoder_dir))
     info = EngineInfo(paths.model_dir.name, paths.demo, config.device, config.dtype, voices)
-    return Engine(load, EngineConfig(max_sessions=config.max_sessions, default_voice=config.voice), info)
+    engine_config = EngineConfig(
+        max_sessions=config.max_sessions,
+        default_voice=config.voice,
+        context_tokens=config.context_tokens or None,
+        kv_budget_bytes=config.kv_budget_mb * 2**20 or None,
+        flow_context_units=config.flow_context_units or None,
+    )
+    return Engine(load, engine_config, info)
 
 
