@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -13,9 +12,7 @@ from voice_agent.model.config import OmniConfig, load_generation_config
 from voice_agent.model.tiny import (
     UNIT_VOCAB_SIZE,
     WHISPER_DIMS,
-    add_arguments,
     make_tiny,
-    run,
     whisper_sinusoids,
 )
 from voice_agent.model.weights import SafetensorsCheckpoint, load_torch_file
@@ -197,9 +194,9 @@ def test_generation_config_and_bf16_options(tmp_path):
 
 
 def test_cli_writes_the_set(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    assert run(parser.parse_args([str(tmp_path), "--seed", "3", "--sharded"])) == 0
+    from voice_agent.cli import main
+
+    assert main(["make-tiny", str(tmp_path), "--seed", "3", "--sharded"]) == 0
     assert (tmp_path / "LLaMA-Omni2-tiny" / "model.safetensors.index.json").is_file()
     assert "LLaMA-Omni2-tiny" in capsys.readouterr().out
     assert OmniConfig.load(tmp_path / "LLaMA-Omni2-tiny").unit_vocab_size == UNIT_VOCAB_SIZE

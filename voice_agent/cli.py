@@ -8,16 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from voice_agent.model.tiny import make_tiny
+    from voice_agent.model.tiny import run
 
-    paths = make_tiny(args.dir, seed=args.seed)
-    print(f"model directory: {paths.model_dir}")
-    print(f"whisper encoder: {paths.speech_encoder}")
-    print(f"vocoder directory: {paths.cosy2_decoder}")
-    return 0
+    return run(args)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -54,6 +51,16 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return download_main(args)
 
 
+def _make_tiny_arguments(p: argparse.ArgumentParser) -> None:
+    """Kept here (not imported from model.tiny) so `voice-agent --help` does not import torch."""
+    p.add_argument("dir", type=Path, help="output directory (gets the official models/ layout)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (same seed, same bytes)")
+    p.add_argument("--untied", action="store_true", help="write a distinct LLM lm_head")
+    p.add_argument("--sharded", action="store_true", help="write sharded safetensors with an index")
+    p.add_argument("--generation-config", action="store_true", help="also write a generation_config.json")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 weights, as the official files")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voice-agent", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint set in the official layout")
-    p.add_argument("dir", help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    _make_tiny_arguments(p)
     p.set_defaults(func=_cmd_make_tiny)
 
     p = sub.add_parser("generate", help="speech in -> text and speech units (and a WAV with --vocoder-dir)")

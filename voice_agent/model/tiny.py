@@ -6,7 +6,7 @@
                                [generation_config.json], vocab.json, merges.txt, tokenizer_config.json,
                                added_tokens.json, special_tokens_map.json, tts_tokenizer/ (same file kinds)
     DIR/speech_encoder/large-v3.pt   openai-whisper format {"dims": ..., "model_state_dict": ...}
-    DIR/cosy2_decoder/         written by voice_agent.model.cosy2 when that module exists
+    DIR/cosy2_decoder/         flow.pt, hift.pt, cosyvoice.yaml, voices/ (voice_agent.model.cosy2)
 
 so tests run the same loading code as the official files. Every key of the official state dict is present
 at tiny shapes (`omni_shapes`, the one key/shape table, derived from the dims). Values: N(0, 0.02) for
@@ -25,7 +25,6 @@ vocab_size is padded above the tokenizer length as Qwen pads its embedding table
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import zlib
@@ -294,7 +293,7 @@ class TinyPaths:
     model_dir: Path  # root/LLaMA-Omni2-tiny
     tts_tokenizer_dir: Path
     speech_encoder: Path  # root/speech_encoder/large-v3.pt
-    cosy2_decoder: Path | None  # None until voice_agent.model.cosy2 exists
+    cosy2_decoder: Path  # root/cosy2_decoder
 
 
 def _model_config(vocab: TinyVocab, llm: Qwen2Dims, tts: Qwen2Dims, dtype: torch.dtype) -> dict[str, Any]:
@@ -350,16 +349,6 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], model_dir: Path, sharded
     _write_json(model_dir / "model.safetensors.index.json", index)
 
 
-def _cosy2_module() -> Any:
-    """voice_agent.model.cosy2, or None while it (or a module it needs) is not in the package yet."""
-    try:
-        return importlib.import_module("voice_agent.model.cosy2")
-    except ModuleNotFoundError as e:
-        if e.name is not None and e.name.startswith("voice_agent."):
-            return None
-        raise
-
-
 def make_tiny(
     out_dir: str | Path,
     seed: int = 0,
@@ -406,21 +395,10 @@ def make_tiny(
     whisper_state |= {key: random_tensor(key, shape, seed).to(dtype) for key, shape in decoder_shapes.items()}
     torch.save({"dims": dict(WHISPER_DIMS), "model_state_dict": whisper_state}, str(encoder_path))
 
-    cosy2_dir = None
-    if (cosy2 := _cosy2_module()) is not None:  # wired once model core II lands
-        cosy2_dir = root / COSY2_DIR
-        cosy2.write_tiny_cosy2_decoder(cosy2_dir, seed)
+    from voice_agent.model.cosy2 import write_tiny_cosy2_decoder  # flow + HiFT + voices (model core II)
+
+    cosy2_dir = write_tiny_cosy2_decoder(root / COSY2_DIR, seed)
     return TinyPaths(root, model_dir, model_dir / TTS_TOKENIZER_DIR, encoder_path, cosy2_dir)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `voice-agent make-tiny`."""
-    parser.add_argument("dir", type=Path, help="output directory (gets the official models/ layout)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
-    parser.add_argument("--untied", action="store_true", help="write a distinct LLM lm_head")
-    parser.add_argument("--sharded", action="store_true", help="write two safetensors shards and an index")
-    parser.add_argument("--generation-config", action="store_true", help="also write generation_config.json")
-    parser.add_argument("--bf16", action="store_true", help="store bfloat16 weights like the official files")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -431,5 +409,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"model:          {paths.model_dir}")
     print(f"speech encoder: {paths.speech_encoder}")
-    print(f"cosy2 decoder:  {paths.cosy2_decoder or 'not written (voice_agent.model.cosy2 not available)'}")
+    print(f"cosy2 decoder:  {paths.cosy2_decoder}")
     return 0
