@@ -206,3 +206,19 @@ def test_missing_and_unexpected_keys_are_named(tmp_path, tiny):
     save_file(tensors, model_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"unexpected key.*model\.layers\.9\.extra\.weight"):
         SpeechLM.load(model_dir)
+
+
+def test_generation_config_sets_the_decoding_defaults(tmp_path):
+    """A Qwen2.5-Instruct-style generation_config.json: its sampling settings become the default, its eos
+    list stops generation, and with temperature 0 the repetition penalty still applies (as generate does)."""
+    lm = SpeechLM.load(make_tiny(tmp_path, seed=3, with_generation_config=True).model_dir)
+    g = lm.generation
+    assert g.sampling.do_sample and (g.sampling.temperature, g.sampling.top_k, g.sampling.top_p) == (0.7, 20, 0.8)
+    assert set(g.eos_token_ids) == {lm.tok.im_end_id, lm.tok.tts_eos_id}
+    default = Reply.start(lm, llm_slot=0, tts_slot=0)
+    assert default.text_params == g.sampling and not default.tts_params.greedy
+    greedy = Reply.start(lm, llm_slot=0, tts_slot=0, temperature=0)
+    assert greedy.text_params.greedy and greedy.text_params.repetition_penalty == 1.1
+    assert greedy.tts_params.greedy
+    plain = SpeechLM.load(make_tiny(tmp_path / "plain", seed=3).model_dir)
+    assert Reply.start(plain, llm_slot=0, tts_slot=0, temperature=0).text_params.repetition_penalty == 1.0

@@ -127,14 +127,16 @@ class Reply:
 
         `final_units` caps the units written after the final read; `forced` overrides it and
         `max_new_tokens` (see ForcedLength)."""
-        text_params = lm.generation.sampling
-        if temperature is not None:
-            text_params = GREEDY if temperature <= 0 else SamplingParams(
-                do_sample=True, temperature=temperature, top_k=text_params.top_k, top_p=text_params.top_p,
-                repetition_penalty=text_params.repetition_penalty,
+        defaults = lm.generation.sampling
+        if temperature is None:
+            text_params = defaults
+        elif temperature <= 0:  # greedy; the model's repetition penalty still applies, as in generate
+            text_params = SamplingParams(do_sample=False, repetition_penalty=defaults.repetition_penalty)
+        else:
+            text_params = SamplingParams(
+                do_sample=True, temperature=temperature, top_k=defaults.top_k, top_p=defaults.top_p,
+                repetition_penalty=defaults.repetition_penalty,
             )
-        if text_params.greedy and text_params.repetition_penalty != 1.0:
-            text_params = SamplingParams(do_sample=False, repetition_penalty=text_params.repetition_penalty)
         tts_params = GREEDY if text_params.greedy else TTS_SAMPLING
         generators = [torch.Generator(device=lm.device).manual_seed(seed + i) for i in (0, 1)]
         cfg = lm.config
