@@ -21,7 +21,11 @@ fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -c "import torch" 2>/dev/null || pip install -q "torch==${VOICE_AGENT_TORCH_VERSION:-2.13.0}"
+# VOICE_AGENT_TORCH_INDEX picks the wheel index, e.g. https://download.pytorch.org/whl/cpu for the CPU-only
+# build (plain PyPI serves the CUDA build on Linux).
+torch_index=()
+[[ -n "${VOICE_AGENT_TORCH_INDEX:-}" ]] && torch_index=(--index-url "$VOICE_AGENT_TORCH_INDEX")
+python -c "import torch" 2>/dev/null || pip install -q "${torch_index[@]}" "torch==${VOICE_AGENT_TORCH_VERSION:-2.13.0}"
 python -c "import whisper" 2>/dev/null || pip install -q --no-deps openai-whisper==20250625
 pip install -q -e ".${extra}"
 python -c "import torch, whisper, transformers, webrtcvad; print('voice-agent installed: torch', torch.__version__)"
