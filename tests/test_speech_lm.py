@@ -222,3 +222,18 @@ def test_generation_config_sets_the_decoding_defaults(tmp_path):
     assert greedy.tts_params.greedy
     plain = SpeechLM.load(make_tiny(tmp_path / "plain", seed=3).model_dir)
     assert Reply.start(plain, llm_slot=0, tts_slot=0, temperature=0).text_params.repetition_penalty == 1.0
+
+
+def test_unpadded_batch_rows_equal_each_row_alone(tiny):
+    """The unpadded option (changes numbers vs the 30-s padding) keeps batched == alone for rows of
+    different lengths: per-row mel, zeros past each row at both convolutions, per-row attention keys."""
+    lm = SpeechLM.load(tiny.model_dir, unpadded=True)
+    audios = [speechlike(0.7, 20), speechlike(2.3, 21), speechlike(1.0, 22)]
+    batch = lm.speech_features(audios)
+    assert batch.lengths == [7, 23, 10]  # 10 Hz adapter frames, rounded up to whole frames
+    for i, audio in enumerate(audios):
+        alone = lm.speech_features([audio])
+        assert alone.lengths == [batch.lengths[i]]
+        torch.testing.assert_close(batch.row(i), alone.row(0), rtol=1e-5, atol=1e-5)
+    padded = SpeechLM.load(tiny.model_dir).speech_features(audios[:1])
+    assert padded.row(0).shape[0] == 300 and not torch.allclose(padded.row(0)[:7], batch.row(0), atol=1e-3)

@@ -135,13 +135,17 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(n_state, n_state)
         self.out = nn.Linear(n_state, n_state)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`key_mask` (B, T) bool: which keys each row may attend to (None: all)."""
         b, t, d = x.shape
 
         def heads(y: torch.Tensor) -> torch.Tensor:
             return y.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)  # (B, H, T, hd)
 
-        a = F.scaled_dot_product_attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)))
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
+        a = F.scaled_dot_product_attention(
+            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), attn_mask=mask
+        )
         return self.out(a.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
 
 
@@ -157,8 +161,8 @@ class EncoderBlock(nn.Module):
         )
         self.mlp_ln = LayerNorm(n_state, eps=LAYER_NORM_EPS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_ln(x))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_ln(x), key_mask)
         return x + self.mlp(self.mlp_ln(x))
 
 
@@ -192,11 +196,16 @@ class WhisperEncoder(nn.Module):
     def n_state(self) -> int:
         return self.dims.n_state
 
-    def forward(self, mel: torch.Tensor, *, unpadded: bool = False) -> torch.Tensor:
+    def forward(
+        self, mel: torch.Tensor, *, unpadded: bool = False, mel_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, n_mels, T_mel) -> (B, (T_mel + 1) // 2, n_state), in the module's dtype.
 
         Faithful (default): T_mel must give exactly n_ctx frames (3000 mel frames for large-v3).
         `unpadded=True` accepts up to that many and uses positional_embedding[:T] (changes numbers).
+        `mel_lengths` (B,): rows of different real lengths in one unpadded batch. Each row then sees zeros
+        past its end at both convolutions and attends only to its own frames, so it equals the row encoded
+        alone at its own length (outputs past a row's length are meaningless).
         """
         d = self.dims
         if mel.ndim != 3 or mel.shape[1] != d.n_mels:
@@ -209,12 +218,23 @@ class WhisperEncoder(nn.Module):
             )
         if t > d.n_ctx:
             raise ValueError(f"expected at most {d.mel_frames} mel frames, got {mel.shape[2]}")
-        x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))  # (B, D, T_mel)
+        mel = mel.to(self.conv1.weight.dtype)
+        key_mask = None
+        if mel_lengths is not None:
+            frames = torch.arange(mel.shape[2], device=mel.device)
+            inside = frames[None, :] < mel_lengths[:, None]  # (B, T_mel)
+            mel = mel * inside[:, None]
+        x = F.gelu(self.conv1(mel))  # (B, D, T_mel)
+        if mel_lengths is not None:
+            x = x * inside[:, None]  # conv2 must see zeros past each row's end, as when alone
         x = F.gelu(self.conv2(x))  # (B, D, T)
         x = x.transpose(1, 2)  # (B, T, D)
         x = x + self.positional_embedding[:t].to(x.dtype)
+        if mel_lengths is not None:
+            enc_lengths = (mel_lengths + 1) // CONV_STRIDE  # (B,)
+            key_mask = torch.arange(t, device=x.device)[None, :] < enc_lengths[:, None]  # (B, T)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, key_mask)
         return self.ln_post(x)  # (B, T, D)
 
 

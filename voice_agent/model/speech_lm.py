@@ -190,24 +190,31 @@ class SpeechLM:
     def speech_features(self, audios: list[np.ndarray]) -> SpeechFeatures:
         """16 kHz float32 mono audio per row -> mel, encoder output and adapter output, batched."""
         k = self.config.speech_encoder_ds_rate
-        if self.unpadded:
-            # Whole adapter frames: k encoder frames = 2k mel frames = 2k * HOP samples.
-            step = ENCODER_STRIDE * k * HOP_LENGTH
-            longest = max(len(a) for a in audios)
-            n = min(N_SAMPLES, max(step, -(-longest // step) * step))
-        else:
-            n = N_SAMPLES
-        batch = torch.zeros(len(audios), n)
-        for i, audio in enumerate(audios):
-            row = torch.as_tensor(np.asarray(audio, dtype=np.float32))[:n]
-            batch[i, : len(row)] = row
-        mel = log_mel_spectrogram(batch.to(self.device), n_mels=self.encoder.n_mels, pad_to=n)  # (B, M, T_mel)
-        enc = self.encoder(mel.to(self.dtype), unpadded=self.unpadded)  # (B, T_enc, D_enc)
-        if self.unpadded:
-            lengths = [min(enc.shape[1], -(-len(a) // (ENCODER_STRIDE * HOP_LENGTH))) for a in audios]
-            lengths = [max(k, -(-t // k) * k) for t in lengths]
-        else:
+        if not self.unpadded:
+            batch = torch.zeros(len(audios), N_SAMPLES)
+            for i, audio in enumerate(audios):
+                row = torch.as_tensor(np.asarray(audio, dtype=np.float32))[:N_SAMPLES]
+                batch[i, : len(row)] = row
+            mel = log_mel_spectrogram(batch.to(self.device), n_mels=self.encoder.n_mels)  # (B, M, 3000)
+            enc = self.encoder(mel.to(self.dtype))  # (B, 1500, D_enc)
             lengths = [enc.shape[1]] * len(audios)
+        else:
+            # Each row at its own length in whole adapter frames (k encoder frames = 2k mel frames), its
+            # mel computed alone, then batched with per-row lengths: a row equals the row encoded alone.
+            step = ENCODER_STRIDE * k * HOP_LENGTH
+            sizes = [min(N_SAMPLES, max(step, -(-len(a) // step) * step)) for a in audios]
+            mels = []
+            for audio, n in zip(audios, sizes, strict=True):
+                row = torch.zeros(1, n)
+                clip = torch.as_tensor(np.asarray(audio, dtype=np.float32))[:n]
+                row[0, : len(clip)] = clip
+                mels.append(log_mel_spectrogram(row.to(self.device), n_mels=self.encoder.n_mels, pad_to=n)[0])
+            mel = torch.zeros(len(audios), self.encoder.n_mels, max(m.shape[1] for m in mels), device=self.device)
+            for i, m in enumerate(mels):
+                mel[i, :, : m.shape[1]] = m
+            mel_lengths = torch.tensor([m.shape[1] for m in mels], device=self.device)
+            enc = self.encoder(mel.to(self.dtype), unpadded=True, mel_lengths=mel_lengths)  # (B, T_enc, D_enc)
+            lengths = [m.shape[1] // ENCODER_STRIDE for m in mels]  # whole adapter frames by construction
         enc_lengths = torch.tensor(lengths, device=self.device)
         out, out_lengths = self.projector(enc, enc_lengths)  # (B, T_enc // k, H)
         return SpeechFeatures(mel, enc, out, [int(x) for x in out_lengths])
