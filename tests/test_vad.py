@@ -6,7 +6,9 @@ silence never); rule tests use FakeEnergyClassifier so the expected frame indice
 
 from __future__ import annotations
 
-import importlib.util
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -140,8 +142,8 @@ def test_bad_settings_raise_typed_errors(kwargs: dict, message: str) -> None:
         VadSettings(**kwargs)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("silero_vad") is not None, reason="silero-vad is installed")
-def test_silero_without_package_gives_clear_error() -> None:
+def test_silero_without_package_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "silero_vad", None)  # as if not installed
     with pytest.raises(VadUnavailable, match="pip install silero-vad"):
         make_classifier(VadSettings(kind="silero"))
 
@@ -152,3 +154,16 @@ def test_silero_ignores_white_noise_that_webrtcvad_calls_speech() -> None:
     noise = np.random.default_rng(0).normal(0, 0.1, SAMPLE_RATE_HZ).astype(np.float32)
     assert run(TurnDetector(settings), noise) == []
     assert [type(e) for e in run(TurnDetector(VadSettings(speech_start_ms=60)), noise)] == [VadSpeechStarted]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt)")
+def test_silero_finds_real_speech_and_its_end(tmp_path) -> None:
+    pytest.importorskip("silero_vad")
+    from voice_agent.audio import load_audio
+
+    wav = tmp_path / "s.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), "Hello there, how are you doing today?"], check=True)
+    speech = load_audio(str(wav))
+    audio = np.concatenate([np.zeros(SAMPLE_RATE_HZ // 2, np.float32), speech, np.zeros(SAMPLE_RATE_HZ, np.float32)])
+    events = run(TurnDetector(VadSettings(kind="silero", speech_start_ms=64, silence_ms=500)), audio)
+    assert [type(e) for e in events][:1] == [VadSpeechStarted] and type(events[-1]).__name__ == "VadSpeechStopped"
