@@ -329,6 +329,19 @@ async def test_admission_and_turn_refusals(models: Models) -> None:
         await engine.aclose()
 
 
+async def test_unpadded_encoder_input_reaches_the_model(tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from voice_agent.config import ServerConfig
+
+    monkeypatch.setenv("VOICE_AGENT_CACHE", str(tiny_root.parent))
+    engine = build_engine(ServerConfig(encoder_input="unpadded", max_sessions=1))
+    await engine.start()
+    await asyncio.get_running_loop().run_in_executor(None, engine.wait_ready, 60.0)
+    try:
+        assert engine.worker.lm.unpadded
+    finally:
+        await engine.aclose()
+
+
 async def test_build_engine_serves_the_demo_model_when_no_weights_exist(
     tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -368,3 +381,5 @@ def test_server_options_reach_the_engine(tiny_root: Path, monkeypatch: pytest.Mo
     assert (defaults.context_tokens, defaults.kv_budget_bytes, defaults.flow_context_units) == (None, None, 100)
     with pytest.raises(ConfigError, match="context-tokens"):
         ServerConfig(context_tokens=100)
+    with pytest.raises(ConfigError, match="encoder-input"):
+        ServerConfig(encoder_input="short")

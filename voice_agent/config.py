@@ -54,6 +54,9 @@ class ServerConfig:
                                   "(0: the model's tokenizer_model_max_length)", int)
     kv_budget_mb: int = _opt(0, "KV cache memory for all conversations in MiB; fewer sessions are admitted "
                                 "if it is smaller than max-sessions needs (0: no limit)", int)
+    encoder_input: str = _opt("padded", "speech encoder input: 'padded' to 30 s as the reference (faithful), "
+                                        "or 'unpadded', the real length (faster; changes numbers)",
+                              choices=("padded", "unpadded"))
     flow_context_units: int = _opt(100, "speech units of left context the flow recomputes per block "
                                         "(0: the reference's full recompute, cost growing with the reply)", int)
     system_prompt: str | None = _opt(None, "system prompt of every conversation (default: the model's)")

@@ -442,7 +442,8 @@ def build_engine(config: Any) -> Engine:
         from voice_agent.model.cosy2 import Cosy2Decoder
         from voice_agent.model.speech_lm import SpeechLM
 
-        lm = SpeechLM.load(paths.model_dir, whisper_path=paths.whisper, device=config.device, dtype=dtype)
+        lm = SpeechLM.load(paths.model_dir, whisper_path=paths.whisper, device=config.device, dtype=dtype,
+                           unpadded=config.encoder_input == "unpadded")
         decoder = Cosy2Decoder.load(paths.vocoder_dir, config.device) if paths.vocoder_dir else None
         return Models(lm, decoder)
 
