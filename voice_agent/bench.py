@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from voice_agent.config import DTYPES
 from voice_agent.events import INPUT_SAMPLE_RATE, AudioChunk, ResponseDone, TurnError, TurnSettings
 
-DTYPES = ("float32", "bfloat16", "float16")
 WARMUP = (3, 5)  # text tokens, final units of the warm-up turn
 
 

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voice-agent", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from voice_agent.config import ServerConfig  # light: no torch
+    from voice_agent.config import DTYPES, ServerConfig  # light: no torch
     from voice_agent.download import add_download_arguments
 
     p = sub.add_parser("serve", help="run the voice agent server (page at /, WebSocket at /ws)")
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on units written after the final read (default 1024, as the reference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--unpadded", action="store_true", help="encode only the real audio length (changes numbers)")
     p.add_argument("--dump", default=None, help="write intermediate arrays to this .npz")
     p.set_defaults(func=_cmd_generate)

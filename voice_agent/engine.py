@@ -60,14 +60,15 @@ from voice_agent.events import (
     TurnSettings,
     TurnTimings,
 )
-from voice_agent.model_files import DTYPES, directory_voices, resolve_model_paths
+from voice_agent.model.mel import CHUNK_LENGTH
+from voice_agent.model.schedule import FINAL_UNIT_LIMIT
+from voice_agent.model_files import directory_voices, resolve_model_paths
 from voice_agent.scheduler import SchedulerConfig, SlotPool, slots_for_budget
 
 log = logging.getLogger(__name__)
 
-MAX_INPUT_SECONDS = 30.0  # the Whisper window; longer turns are refused, never cut
+MAX_INPUT_SECONDS = float(CHUNK_LENGTH)  # the Whisper window; longer turns are refused, never cut
 MAX_INPUT_SAMPLES = int(MAX_INPUT_SECONDS * INPUT_SAMPLE_RATE)
-FINAL_UNITS = 1024  # the reference's limit on units after the final read (model.schedule.FINAL_UNIT_LIMIT)
 RECENT_TURNS = 1024  # timings kept for metrics
 
 
@@ -80,7 +81,7 @@ class EngineConfig:
     kv_budget_bytes: int | None = None  # LLM + TTS KV memory for all sessions; None: no limit but max_sessions
     max_new_tokens: int = 256  # a turn's default reply length (text tokens)
     max_reply_tokens: int = 512  # the most a turn may ask for (sizes the TTS cache)
-    final_units: int = FINAL_UNITS
+    final_units: int = FINAL_UNIT_LIMIT  # the reference's limit on units after the final read
     flow_context_units: int | None = 100  # bounded flow window in units (voice_agent.model.flow_stream)
     default_voice: str | None = None
     context_low_water: float = 0.5  # see conversation.ContextPolicy
@@ -433,8 +434,6 @@ def build_engine(config: Any) -> Engine:
     max_sessions, voice). Nothing loads here: `start()` starts the model thread, which loads the model."""
     import torch
 
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {DTYPES}, got {config.dtype!r}")
     paths = resolve_model_paths(config.model_dir, config.vocoder_dir, config.whisper)
     dtype = getattr(torch, config.dtype)
 

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 from voice_agent.audio import MODEL_SAMPLE_RATE, load_audio
+from voice_agent.model.mel import CHUNK_LENGTH
 from voice_agent.model.reply import BlockOut, Reply, TextOut, decode_text, decode_tts, prefill
+from voice_agent.model.schedule import FINAL_UNIT_LIMIT
 from voice_agent.model.speech_lm import SpeechLM
 from voice_agent.model.tokenizer import Turn
 
-MAX_INPUT_SECONDS = 30.0  # the Whisper window: longer turns are refused, never silently cut
+MAX_INPUT_SECONDS = float(CHUNK_LENGTH)  # the Whisper window: longer turns are refused, never silently cut
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 DUMP_ARRAYS = {
@@ -51,9 +53,8 @@ def run_reply(lm: SpeechLM, audio: np.ndarray, *, temperature: float | None, max
     prompt_ids = lm.tok.build_prompt([Turn.user()])
     embeds = lm.embed_prompt(prompt_ids, [features.row(0)])  # (L, H)
     reply = Reply.start(lm, llm_slot=0, tts_slot=0, temperature=temperature, max_new_tokens=max_new_tokens,
-                        seed=seed, keep_first_logits=keep_first_logits)
-    if final_units is not None:
-        reply.schedule.final_units = final_units
+                        seed=seed, keep_first_logits=keep_first_logits,
+                        final_units=FINAL_UNIT_LIMIT if final_units is None else final_units)
     max_text = reply.max_new_tokens
     llm_cache = lm.new_llm_cache(1, embeds.shape[0] + max_text + 1)
     # TTS positions: every text token, <sep>, up to W units per read, up to 1024 after the final read.

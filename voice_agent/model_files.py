@@ -15,7 +15,6 @@ from voice_agent.errors import CheckpointError, VoiceAgentError
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
 MODELS_DIR = "models"  # where `voice-agent download` puts the weights, relative to the working directory
 DEMO_SEED = 0
 

@@ -57,7 +57,7 @@ class SpeechFeatures:
         return self.adapter_out[i, : self.lengths[i]]  # (T_i, H)
 
 
-def _tie(lm: Qwen2ForCausalLM, tensors: SafetensorsCheckpoint, key: str, source: str) -> list[str]:
+def _tie(lm: Qwen2ForCausalLM) -> list[str]:
     """Tie `lm` when its config says so; returns module names the checkpoint may lack."""
     if not lm.dims.tie_word_embeddings:
         return []
@@ -149,7 +149,7 @@ class SpeechLM:
         )
 
         llm = Qwen2ForCausalLM(config.llm, device=device, dtype=dtype)
-        llm_missing = _tie(llm, tensors, "lm_head.weight", source)
+        llm_missing = _tie(llm)
         load_module(
             llm, tensors, LLM_PREFIX, source=source, ignore=llm_missing,
             exclude_prefixes=(TTS_PREFIX, ENCODER_PREFIX, PROJECTOR_PREFIX),
@@ -157,7 +157,7 @@ class SpeechLM:
         _check_tied_copy(llm, tensors, "lm_head.weight", "model.embed_tokens.weight")
 
         tts = SpeechGenerator(config.llm.hidden_size, config.tts, device=device, dtype=dtype)
-        tts_missing = ["model." + n for n in _tie(tts.model, tensors, TTS_PREFIX + "model.lm_head.weight", source)]
+        tts_missing = ["model." + n for n in _tie(tts.model)]
         load_module(tts, tensors, TTS_PREFIX, source=source, ignore=tts_missing)
         _check_tied_copy(
             tts.model, tensors, TTS_PREFIX + "model.lm_head.weight", TTS_PREFIX + "model.model.embed_tokens.weight"
