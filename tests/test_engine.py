@@ -372,13 +372,18 @@ def test_server_options_reach_the_engine(tiny_root: Path, monkeypatch: pytest.Mo
     from voice_agent.config import ConfigError, ServerConfig
 
     monkeypatch.setenv("VOICE_AGENT_CACHE", str(tiny_root.parent))
-    engine = build_engine(ServerConfig(context_tokens=1024, kv_budget_mb=64, flow_context_units=0, max_sessions=3))
+    engine = build_engine(ServerConfig(context_tokens=1024, kv_budget_mb=64, flow_context_units=0, max_sessions=3,
+                                       flow_cache="off"))
     assert engine.config.context_tokens == 1024
+    assert engine.config.flow_cache is False
     assert engine.config.kv_budget_bytes == 64 * 2**20
     assert engine.config.flow_context_units is None  # 0: the reference's full recompute
     assert engine.config.max_sessions == 3
     defaults = build_engine(ServerConfig()).config
     assert (defaults.context_tokens, defaults.kv_budget_bytes, defaults.flow_context_units) == (None, None, 100)
+    assert defaults.flow_cache is True
+    with pytest.raises(ConfigError, match="flow-cache"):
+        ServerConfig(flow_cache="yes")
     with pytest.raises(ConfigError, match="context-tokens"):
         ServerConfig(context_tokens=100)
     with pytest.raises(ConfigError, match="encoder-input"):

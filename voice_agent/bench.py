@@ -179,6 +179,7 @@ def bench_engine_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--final-units", type=int, default=20, help="forced units after the final read")
     p.add_argument("--audio-seconds", type=float, default=2.0, help="length of each synthetic user turn")
     p.add_argument("--flow-context-units", type=int, default=100, help="bounded flow window (-1: whole reply)")
+    p.add_argument("--no-flow-cache", action="store_true", help="recompute the flow window every block")
     p.add_argument("--no-audio", action="store_true", help="units only: leave the vocoder out")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--sequential", action="store_true", help="run the same turns one after another")
@@ -197,6 +198,7 @@ def bench_engine_main(argv: Sequence[str] | None = None) -> int:
         max_sessions=args.sessions + 1, max_reply_tokens=max(args.text_tokens, 256),
         max_new_tokens=min(256, max(args.text_tokens, 1)), final_units=max(args.final_units, WARMUP[1]),
         flow_context_units=None if args.flow_context_units < 0 else args.flow_context_units,
+        flow_cache=not args.no_flow_cache,
     )
     name = args.model_dir or f"preset-{args.preset or 'tiny'}"
     engine = Engine(load, config, EngineInfo(name, False, args.device, args.dtype, ("en",)))
@@ -208,7 +210,8 @@ def bench_engine_main(argv: Sequence[str] | None = None) -> int:
         print(f"model {lm.name} on {lm.device} ({args.dtype}); {args.sessions} sessions x {args.turns} turn(s), "
               f"{args.text_tokens} text tokens + {args.final_units} final units per reply, "
               f"{args.audio_seconds:.1f} s user audio, {'unpadded' if args.unpadded else 'padded'} encoder input"
-              f"{', no vocoder' if engine.worker.decoder is None else ''}")
+              f"{', no vocoder' if engine.worker.decoder is None else ''}"
+              f", flow window {args.flow_context_units} units{'' if args.no_flow_cache else ' + chunk cache'}")
         warm = engine.open_session()
         await _run_turn(warm, synthetic_audio(1.0, 99), 0, ForcedLength(*WARMUP))
         await warm.close()

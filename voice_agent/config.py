@@ -59,6 +59,9 @@ class ServerConfig:
                               choices=("padded", "unpadded"))
     flow_context_units: int = _opt(100, "speech units of left context the flow recomputes per block "
                                         "(0: the reference's full recompute, cost growing with the reply)", int)
+    flow_cache: str = _opt("on", "'on': the flow keeps each completed 2-s chunk's state and computes only the "
+                                 "current chunk per block (fast; memory per session, see models/README.md); "
+                                 "'off': recompute the window every block", choices=("on", "off"))
     system_prompt: str | None = _opt(None, "system prompt of every conversation (default: the model's)")
     voice: str | None = _opt(None, "default voice name (clients may choose another)")
     api_key: str | None = _opt(None, "if set, every WebSocket needs it (Authorization: Bearer KEY, "

@@ -30,8 +30,10 @@ refuses a session beyond `max_sessions` or beyond what `kv_budget_bytes` holds. 
 `admit_window_ms` after a command for others, so turns submitted together are prefilled together.
 
 Options that change numbers: `flow_context_units` (default: the bounded flow window of flow_stream;
-None recomputes the whole reply each block, as the reference); `final_units` caps the units written after
-the final read (the reference's 1024); `ForcedLength` (benchmarks) fixes reply lengths.
+None recomputes the whole reply each block, as the reference) and `flow_cache` (cached completed chunks:
+equal to the recompute with a whole-reply window, closer to it than the plain bounded window otherwise);
+`final_units` caps the units written after the final read (the reference's 1024); `ForcedLength`
+(benchmarks) fixes reply lengths.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class EngineConfig:
     max_reply_tokens: int = 512  # the most a turn may ask for (sizes the TTS cache)
     final_units: int = FINAL_UNIT_LIMIT  # the reference's limit on units after the final read
     flow_context_units: int | None = 100  # bounded flow window in units (voice_agent.model.flow_stream)
+    flow_cache: bool = True  # cache completed flow chunks (voice_agent.model.flow_cache)
     default_voice: str | None = None
     context_low_water: float = 0.5  # see conversation.ContextPolicy
     admit_window_ms: float = 2.0  # an idle engine waits this long after a command for more (batched starts)
@@ -456,6 +459,7 @@ def build_engine(config: Any) -> Engine:
         context_tokens=config.context_tokens or None,
         kv_budget_bytes=config.kv_budget_mb * 2**20 or None,
         flow_context_units=config.flow_context_units or None,
+        flow_cache=config.flow_cache == "on",
     )
     return Engine(load, engine_config, info)
 

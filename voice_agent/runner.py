@@ -345,7 +345,7 @@ class ModelWorker:
             t.reply_start = conv.length
             t.detok = lm.tok.detokenizer()
             if spk is not None:
-                t.vocoder = self.decoder.stream(spk, s.seed, cfg.flow_context_units)
+                t.vocoder = self.decoder.stream(spk, s.seed, cfg.flow_context_units, cfg.flow_cache)
             ready.append(t)
         if ready:
             prefill(lm, _replies(ready), embeds, self._llm_cache)

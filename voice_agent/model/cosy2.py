@@ -247,9 +247,11 @@ class Cosy2Decoder:
         """A speaker embedding (192,) for a voice name, embedding file or recording (see voice.py)."""
         return load_voice(voice, self.directory, prompt_dir)
 
-    def stream(self, spk: torch.Tensor, seed: int, context_units: int | None = None) -> VocoderStream:
-        """A new session: units in, 24 kHz audio out (`context_units` bounds the flow's recompute)."""
-        flow_stream = FlowStream(self.flow, spk, seed, context_units=context_units)
+    def stream(self, spk: torch.Tensor, seed: int, context_units: int | None = None,
+               cached: bool = True) -> VocoderStream:
+        """A new session: units in, 24 kHz audio out (`context_units` bounds the flow's window, `cached` keeps
+        completed chunks; see flow_stream)."""
+        flow_stream = FlowStream(self.flow, spk, seed, context_units=context_units, cached=cached)
         return VocoderStream(flow_stream, self.hift, seed ^ EXCITATION_SEED_SALT)
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voice_agent.errors import CheckpointError
+from voice_agent.model.flow_cache import CachedCall
 from voice_agent.model.flow_config import FlowConfig
 from voice_agent.model.flow_encoder import (
     RelPositionMultiHeadedAttention,
@@ -97,8 +98,11 @@ class CausalCFM(nn.Module):
         spks: torch.Tensor,
         cond: torch.Tensor,
         noise: torch.Tensor,
+        cached: CachedCall | None = None,
     ) -> torch.Tensor:
-        """mu, cond, noise (B, 80, T); mask (B, 1, T); spks (B, 80) -> x(t=1) (B, 80, T)."""
+        """mu, cond, noise (B, 80, T); mask (B, 1, T); spks (B, 80) -> x(t=1) (B, 80, T).
+
+        With `cached` (flow_cache), the T frames are each row's new frames, after its cached ones."""
         B = mu.size(0)
         x = noise
         t_span = self.time_grid(mu.device, mu.dtype)
@@ -111,14 +115,23 @@ class CausalCFM(nn.Module):
         else:
             mask_in, mu_in, spks_in, cond_in = mask, mu, spks, cond
         padded = not bool(mask.bool().all())
-        bias = self.estimator.attention_bias(mask_in, mu.dtype)  # the same for every step
+        if cached is not None and not guided:
+            raise ValueError("flow cache: expected classifier-free guidance (inference_cfg_rate > 0)")
+        # the same for every step; a cached call carries its own
+        bias = self.estimator.attention_bias(mask_in, mu.dtype) if cached is None else None
         for k in range(self.n_timesteps):
             t = t_span[k].expand(mask_in.size(0))
-            v = self.estimator(torch.cat([x, x]) if guided else x, mask_in, mu_in, t, spks_in, cond_in, bias, padded)
+            ctx = cached.step(k) if cached is not None else None
+            v = self.estimator(torch.cat([x, x]) if guided else x, mask_in, mu_in, t, spks_in, cond_in, bias, padded,
+                               ctx)
+            if cached is not None and ctx is not None:
+                cached.store(k, ctx)
             if guided:
                 v_cond, v_uncond = v[:B], v[B:]
                 v = (1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond
             x = x + (t_span[k + 1] - t_span[k]) * v
+        if cached is not None:
+            cached.finish()
         return x
 
 
@@ -179,27 +192,37 @@ class Flow(nn.Module):
             spk.to(device),
         )
         self._check(tokens, token_lens, spk)
-        B, N = tokens.shape
+        B = tokens.size(0)
         finals = [bool(finalize)] * B if isinstance(finalize, bool) else [bool(f) for f in finalize]
         if len(finals) != B:
             raise ValueError(f"finalize: expected one flag per row ({B}), got {len(finals)}")
 
-        s = self.spk_embed_affine_layer(F.normalize(spk.to(dtype), dim=1))  # (B, 80)
-        valid = length_mask(token_lens, N)  # (B, N)
-        x = self.input_embedding(torch.where(valid, tokens, 0)) * valid[:, :, None].to(dtype)  # (B, N, D)
-        h, h_lens = self.encoder(x, token_lens)  # (B, 2N, D), (B,)
-        drop = torch.tensor([0 if f else cfg.lookahead_frames for f in finals], device=device)
-        mel_lens = (h_lens - drop).clamp(min=0)  # (B,)
-        M = int(mel_lens.max()) if B else 0
+        mu, mel_lens, s = self.encode(tokens, token_lens, spk, finals)
+        M = mu.size(-1)
         if M > cfg.noise_frames:
             raise ValueError(f"flow call too long: expected at most {cfg.noise_frames} mel frames per call, got {M}")
-        mu = self.encoder_proj(h[:, :M]).transpose(1, 2)  # (B, 80, M)
         mask = length_mask(mel_lens, M)[:, None, :].to(dtype)  # (B, 1, M)
         z = self._noise(noise, B, M).to(device=device, dtype=dtype)  # (B, 80, M)
         if M == 0:
             return torch.zeros(B, cfg.output_size, 0, device=device), mel_lens
         mel = self.decoder(mu, mask, s, torch.zeros_like(mu), z)
         return (mel * mask).float(), mel_lens
+
+    def encode(self, tokens: torch.Tensor, token_lens: torch.Tensor, spk: torch.Tensor,
+               finals: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 1-3 on checked inputs on the flow's device: mu (B, 80, M) (zero-masked later), mel_lens (B,),
+        the projected speaker s (B, 80)."""
+        cfg, device, dtype = self.cfg, self.device, self.dtype
+        N = tokens.size(1)
+        s = self.spk_embed_affine_layer(F.normalize(spk.to(dtype), dim=1))  # (B, 80)
+        valid = length_mask(token_lens, N)  # (B, N)
+        x = self.input_embedding(torch.where(valid, tokens, 0)) * valid[:, :, None].to(dtype)  # (B, N, D)
+        h, h_lens = self.encoder(x, token_lens)  # (B, 2N, D), (B,)
+        drop = torch.tensor([0 if f else cfg.lookahead_frames for f in finals], device=device)
+        mel_lens = (h_lens - drop).clamp(min=0)  # (B,)
+        M = int(mel_lens.max()) if len(finals) else 0
+        mu = self.encoder_proj(h[:, :M]).transpose(1, 2)  # (B, 80, M)
+        return mu, mel_lens, s
 
     def _noise(self, noise: torch.Tensor | NoiseSource | None, B: int, M: int) -> torch.Tensor:
         channels = self.cfg.output_size

@@ -21,6 +21,7 @@ its own chunk only. Key names follow the official weights: resnets have `block1.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from torch import nn
 
 from voice_agent.model.flow_config import FlowConfig
 from voice_agent.model.flow_encoder import chunk_mask
+
+if TYPE_CHECKING:
+    from voice_agent.model.flow_cache import StepContext
 
 TIME_SCALE = 1000.0  # t in [0, 1] is scaled by 1000 before the sinusoid
 TIME_BASE = 10000.0
@@ -61,8 +65,9 @@ class CausalConv1d(nn.Conv1d):
         super().__init__(dim_in, dim_out, kernel)
         self.left = kernel - 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, (self.left, 0)))
+    def forward(self, x: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        """With a cached call's `ctx`, the left padding is the cached input frames before x."""
+        return super().forward(F.pad(x, (self.left, 0)) if ctx is None else ctx.conv_input(x))
 
 
 class CausalBlock1D(nn.Module):
@@ -76,8 +81,8 @@ class CausalBlock1D(nn.Module):
             {"0": CausalConv1d(dim_in, dim_out, CONV_KERNEL), "2": nn.LayerNorm(dim_out, eps=LN_EPS)}
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.block["0"](_masked(x, mask))  # (B, C, T)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, ctx: StepContext | None = None) -> torch.Tensor:
+        h = self.block["0"](_masked(x, mask), ctx)  # (B, C, T)
         h = self.block["2"](h.transpose(1, 2)).transpose(1, 2)  # LayerNorm over channels
         return _masked(F.mish(h), mask)
 
@@ -96,10 +101,11 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim_in, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, t_emb: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, t_emb: torch.Tensor,
+                ctx: StepContext | None = None) -> torch.Tensor:
+        h = self.block1(x, mask, ctx)
         h = h + self.mlp["1"](F.mish(t_emb))[:, :, None]  # (B, C, 1) broadcast over time
-        h = self.block2(h, mask)
+        h = self.block2(h, mask, ctx)
         return h + self.res_conv(_masked(x, mask))
 
 
@@ -115,16 +121,16 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x (B, T, C); bias (B or 1, 1, T, T) additive, None when every key is visible -> (B, T, C)."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, ctx: StepContext | None = None) -> torch.Tensor:
+        """x (B, T, C); bias (B or 1, 1, T, T) additive, None when every key is visible -> (B, T, C).
+        With a cached call's `ctx`, the cached keys and values come first and `ctx` holds the mask."""
         B, T, _ = x.shape
 
         def heads(y: torch.Tensor) -> torch.Tensor:
             return y.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
 
-        out = F.scaled_dot_product_attention(
-            heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x)), attn_mask=bias
-        )
+        q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias) if ctx is None else ctx.attend(q, k, v)
         return self.to_out[0](out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
@@ -158,8 +164,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=LN_EPS)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, ctx: StepContext | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), bias, ctx)
         return x + self.ff(self.norm3(x))
 
 
@@ -191,18 +197,19 @@ class UNetStage(nn.ModuleList):
         return m
 
     def transform(
-        self, x: torch.Tensor, mask: torch.Tensor | None, t_emb: torch.Tensor, bias: torch.Tensor | None
+        self, x: torch.Tensor, mask: torch.Tensor | None, t_emb: torch.Tensor, bias: torch.Tensor | None,
+        ctx: StepContext | None = None,
     ) -> torch.Tensor:
         """Resnet then transformer blocks: (B, C_in, T) -> (B, C, T)."""
-        h = self.resnet(x, mask, t_emb).transpose(1, 2).contiguous()  # (B, T, C), dense for the linears
+        h = self.resnet(x, mask, t_emb, ctx).transpose(1, 2).contiguous()  # (B, T, C), dense for the linears
         for block in self.blocks:
-            h = block(h, bias)
+            h = block(h, bias, ctx)
         return h.transpose(1, 2)  # (B, C, T)
 
-    def conv(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def conv(self, x: torch.Tensor, mask: torch.Tensor | None, ctx: StepContext | None = None) -> torch.Tensor:
         m = self[2]
         assert isinstance(m, CausalConv1d), f"stage key 2: expected a causal conv, got {type(m).__name__}"
-        return m(_masked(x, mask))
+        return m(_masked(x, mask), ctx)
 
 
 def _stage(m: nn.Module) -> UNetStage:
@@ -255,24 +262,26 @@ class CausalUNetEstimator(nn.Module):
         cond: torch.Tensor,
         bias: torch.Tensor | None = None,
         padded: bool | None = None,
+        ctx: StepContext | None = None,
     ) -> torch.Tensor:
         """`bias` (from `attention_bias(mask)`) and `padded` (whether any mask entry is 0) are derived from
-        `mask` when not given; a solver calling with the same mask many times passes them once computed."""
+        `mask` when not given; a solver calling with the same mask many times passes them once computed.
+        `ctx` (flow_cache): x holds only the new frames of a cached call; the cached frames come from it."""
         T = x.size(-1)
         if padded is None:
             padded = not bool(mask.bool().all())
-            bias = self.attention_bias(mask, x.dtype)
+            bias = self.attention_bias(mask, x.dtype) if ctx is None else None
         m = mask if padded else None  # no padding: skip the multiplications by ones
         t_emb = self.time_mlp(time_sinusoid(t, self.in_channels).to(x.dtype))  # (B, 4C)
         h = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, T), cond], dim=1)  # (B, 320, T)
 
         down = _stage(self.down_blocks[0])
-        skip = down.transform(h, m, t_emb, bias)
-        h = down.conv(skip, m)
+        skip = down.transform(h, m, t_emb, bias, ctx)
+        h = down.conv(skip, m, ctx)
         for mid in self.mid_blocks:
-            h = _stage(mid).transform(h, m, t_emb, bias)
+            h = _stage(mid).transform(h, m, t_emb, bias, ctx)
         up = _stage(self.up_blocks[0])
-        h = up.transform(torch.cat([h, skip], dim=1), m, t_emb, bias)  # (B, 2C, T) in
-        h = up.conv(h, m)
-        h = self.final_block(h, m)
+        h = up.transform(torch.cat([h, skip], dim=1), m, t_emb, bias, ctx)  # (B, 2C, T) in
+        h = up.conv(h, m, ctx)
+        h = self.final_block(h, m, ctx)
         return _masked(self.final_proj(_masked(h, m)), m)

@@ -21,6 +21,15 @@ Two modes:
   only difference from the faithful mode is the lost left context (`bounded_context_deviation` measures
   it; `DEFAULT_CONTEXT_UNITS` was chosen with it).
 
+Either mode can run cached (`cached=True`, flow_cache): the estimator keeps the keys, values and conv
+edges of completed chunks and computes only the frames from the last chunk boundary on, instead of the
+whole window (per-block cost: the current chunk, at most 100 frames + 6, instead of 200-300 frames).
+Faithful + cached gives the faithful mel up to float rounding. Bounded + cached keeps the cached chunks
+inside the window: the estimator's context was computed with more left context than a recompute of the
+window would have, so it is closer to faithful than bounded alone (`bounded_context_deviation` measures
+both). The cost is memory (`FlowCache.bytes_for`). A flow without chunking (chunk size 0) cannot be
+cached and always recomputes.
+
 Each stream draws its own fixed noise from `torch.Generator().manual_seed(seed)`, lazily in blocks of
 `NOISE_BLOCK_FRAMES` (a full 300-s buffer would be 4.8 MB per session); in bounded mode blocks before the
 window are freed, so memory stays flat. `push_many` runs several streams in one padded flow call and gives
@@ -38,7 +47,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from voice_agent.model.flow_cache import CachedCall, FlowCache
 from voice_agent.model.flow_config import N_MELS
+from voice_agent.model.flow_estimator import CONV_KERNEL
 
 if TYPE_CHECKING:
     from voice_agent.model.flow import Flow
@@ -98,7 +109,8 @@ class _Job:
 class FlowStream:
     """The flow state of one spoken reply (see the module docstring)."""
 
-    def __init__(self, flow: Flow, spk: torch.Tensor, seed: int, context_units: int | None = None):
+    def __init__(self, flow: Flow, spk: torch.Tensor, seed: int, context_units: int | None = None,
+                 cached: bool = False):
         cfg = flow.cfg
         if tuple(spk.shape) != (cfg.spk_embed_dim,):
             raise ValueError(f"spk: expected shape ({cfg.spk_embed_dim},), got {tuple(spk.shape)}")
@@ -112,6 +124,8 @@ class FlowStream:
         self.last_window_units = 0  # units the flow saw in the last push (the per-block cost)
         chunks = [c for c in (cfg.encoder_chunk_tokens * cfg.token_mel_ratio, cfg.decoder_chunk_frames) if c > 0]
         self._align = math.lcm(cfg.token_mel_ratio, *chunks) // cfg.token_mel_ratio  # units
+        chunked = cfg.encoder_chunk_tokens > 0 and cfg.decoder_chunk_frames > 0
+        self.cache = FlowCache() if cached and chunked else None
 
     def push(self, units: Sequence[int] | torch.Tensor, final: bool) -> torch.Tensor:
         """Append `units` and return the newly determined mel frames (80, T_new), float32."""
@@ -146,6 +160,8 @@ class FlowStream:
         self.token_offset = max(self.token_offset, job.stop)
         self.noise.release_before(self.flow.cfg.token_mel_ratio * job.start)
         if job.final:
+            self.cache = None
+        if job.final:
             self.state = StreamState.FINISHED
 
 
@@ -166,6 +182,11 @@ def push_many(
     ratio = streams[0].flow.cfg.token_mel_ratio if streams else 1
     out = [torch.zeros(s.flow.cfg.output_size, 0, device=s.flow.device) for s in streams]
     rows = [i for i, (s, j) in enumerate(zip(streams, jobs, strict=True)) if j.stop > s.token_offset]
+    cached = [i for i in rows if streams[i].cache is not None]
+    if cached:
+        for i, mel in zip(cached, _push_cached([streams[i] for i in cached], [jobs[i] for i in cached]), strict=True):
+            out[i] = mel
+        rows = [i for i in rows if streams[i].cache is None]
     if rows:
         flow = streams[0].flow
         lens = [len(jobs[i].units) - jobs[i].start for i in rows]
@@ -185,6 +206,58 @@ def push_many(
             out[i] = mel[r, :, begin:end]
     for s, j in zip(streams, jobs, strict=True):
         s._commit(j)
+    return out
+
+
+@torch.inference_mode()
+def _push_cached(streams: Sequence[FlowStream], jobs: Sequence[_Job]) -> list[torch.Tensor]:
+    """The flow call of cached streams: encode each window, run the estimator on the frames from each
+    cache's end, store the chunks this call completes; returns each stream's emitted mel."""
+    flow = streams[0].flow
+    cfg, device, dtype = flow.cfg, flow.device, flow.dtype
+    ratio = cfg.token_mel_ratio
+    lens = [len(j.units) - j.start for j in jobs]
+    tokens = torch.zeros(len(jobs), max(lens), dtype=torch.long)
+    for r, j in enumerate(jobs):
+        tokens[r, : lens[r]] = torch.tensor(j.units[j.start :], dtype=torch.long)
+    spk = torch.stack([s.spk.float().cpu() for s in streams])  # (B, 192)
+    tokens, token_lens, spk = tokens.to(device), torch.tensor(lens, device=device), spk.to(device)
+    flow._check(tokens, token_lens, spk)
+    mu, mel_lens, s = flow.encode(tokens, token_lens, spk, [j.final for j in jobs])  # window frames
+    # row r: new frames [done, end) in absolute frames; window frame w is absolute ratio * start + w
+    spans = []
+    for stream, job, m in zip(streams, jobs, mel_lens.tolist(), strict=True):
+        cache = stream.cache
+        assert cache is not None
+        cache.drop_before(ratio * job.start)
+        end = ratio * job.start + int(m)
+        if not ratio * job.start <= cache.done <= ratio * stream.token_offset < end:
+            raise AssertionError(f"flow cache bookkeeping: window {ratio * job.start}, cache end {cache.done}, "
+                                 f"emitted {ratio * stream.token_offset}, call end {end}")
+        spans.append((cache.done, end))
+    T = max(e - d for d, e in spans)
+    if T > cfg.noise_frames:
+        raise ValueError(f"flow call too long: expected at most {cfg.noise_frames} mel frames per call, got {T}")
+    B = len(jobs)
+    mu_new = mu.new_zeros(B, cfg.output_size, T)
+    noise = torch.zeros(B, cfg.output_size, T)
+    for r, ((done, end), job, stream) in enumerate(zip(spans, jobs, streams, strict=True)):
+        lo = done - ratio * job.start
+        mu_new[r, :, : end - done] = mu[r, :, lo : lo + end - done]
+        noise[r, :, : end - done] = stream.noise.frames(done, end)
+    new_lens = torch.tensor([e - d for d, e in spans], device=device)
+    mask = (torch.arange(T, device=device)[None, :] < new_lens[:, None])[:, None, :].to(dtype)  # (B, 1, T)
+    grid = ratio * streams[0]._align  # frames: chunk boundaries of both the encoder and the estimator
+    commit = [0 if job.final else max(0, end // grid * grid - done) for (done, end), job in zip(spans, jobs,
+                                                                                                   strict=True)]
+    call = CachedCall([st.cache for st in streams], [e - d for d, e in spans], commit,  # type: ignore[misc]
+                      cfg.decoder_chunk_frames, CONV_KERNEL, device, dtype)
+    mel = flow.decoder(mu_new * mask, mask, s, torch.zeros_like(mu_new), noise.to(device=device, dtype=dtype),
+                       cached=call)
+    mel = (mel * mask).float()
+    out = []
+    for r, ((done, _), job, stream) in enumerate(zip(spans, jobs, streams, strict=True)):
+        out.append(mel[r, :, ratio * stream.token_offset - done : ratio * job.stop - done])
     return out
 
 
