@@ -11,6 +11,7 @@ import torch
 
 from voice_agent.model.flow import Flow, FlowConfig, FlowStream, load_flow, push_many, write_tiny_flow
 from voice_agent.model.flow_cache import FlowCache
+from voice_agent.model.flow_stream import max_cached_frames
 
 CFG = FlowConfig.tiny()
 SMALL = CFG.with_chunks(5, 10)  # same weights, 5-unit / 10-frame chunks: many completed chunks in a short reply
@@ -97,6 +98,7 @@ def test_cache_holds_only_completed_chunks(small: Flow) -> None:
     blocks = CFG.estimator_n_blocks * (2 + CFG.estimator_num_mid_blocks)
     heads, d = CFG.estimator_num_heads, CFG.estimator_attention_head_dim
     assert tuple(stream.cache.kv[0].shape) == (blocks, 2, 2, heads, 70, d)
+    assert max_cached_frames(SMALL, None, 60) == 120 and max_cached_frames(SMALL, None, 64) == 120
     held = sum(t.numel() * t.element_size() for t in stream.cache.kv)
     assert held == FlowCache.bytes_for(small.cfg, 70)
 
@@ -138,8 +140,8 @@ def test_bounded_cache_stays_bounded_and_is_closer_to_faithful(small: Flow) -> N
     for i, size in enumerate(blocks):
         out.append(stream.push(units[10 * i : 10 * i + size], final=i == len(blocks) - 1))
         if stream.cache is not None:
-            # cached frames lie in the window of the last call plus what it completed
-            assert stream.cache.frames <= 2 * (context + 5) + 2 * 10 + 10
+            assert stream.cache.first >= 2 * stream.window_start(stream.token_offset)
+            assert 0 < stream.cache.frames <= max_cached_frames(SMALL, context, len(units)) == 50
     cached = torch.cat(out, dim=1)
     bounded, _ = _stream(small, units, blocks, context, cached=False)
     assert 0 < _rel_rms(cached, full) < _rel_rms(bounded, full)

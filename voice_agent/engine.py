@@ -80,7 +80,7 @@ class EngineConfig:
 
     max_sessions: int = 4
     context_tokens: int | None = None  # KV positions per session; None: the model's tokenizer_model_max_length
-    kv_budget_bytes: int | None = None  # LLM + TTS KV memory for all sessions; None: no limit but max_sessions
+    kv_budget_bytes: int | None = None  # LLM + TTS KV and flow cache memory for all sessions; None: no limit
     max_new_tokens: int = 256  # a turn's default reply length (text tokens)
     max_reply_tokens: int = 512  # the most a turn may ask for (sizes the TTS cache)
     final_units: int = FINAL_UNIT_LIMIT  # the reference's limit on units after the final read
@@ -373,6 +373,8 @@ class Engine:
                      f"the KV budget of {(self.config.kv_budget_bytes or 0) / (1 << 30):.2f} GiB at "
                      f"{worker.context_tokens} tokens per session")
             self._pool = SlotPool(slots, limit)
+            log.info("engine: %d session slots, %.1f MiB of KV and flow cache per session", slots,
+                     worker.bytes_per_session / 2**20)
             self.worker = worker
             if self.config.warm_up:
                 error = worker.warm_up()

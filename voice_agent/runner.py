@@ -34,6 +34,8 @@ from voice_agent.events import (
     TurnTimings,
     UnitBlock,
 )
+from voice_agent.model.flow_cache import FlowCache
+from voice_agent.model.flow_stream import max_cached_frames
 from voice_agent.model.mel import HOP_LENGTH
 from voice_agent.model.qwen2 import KVCache
 from voice_agent.model.reply import (
@@ -160,6 +162,11 @@ class ModelWorker:
         dtype = self.lm.dtype
         self.bytes_per_session = (self.context_tokens * KVCache.token_bytes(cfg.llm, dtype)
                                   + self.tts_positions * KVCache.token_bytes(cfg.tts, dtype))
+        if self.decoder is not None and config.flow_cache:
+            flow = self.decoder.flow
+            reply_units = W * (N // R + 1) + config.final_units
+            frames = max_cached_frames(flow.cfg, config.flow_context_units, reply_units)
+            self.bytes_per_session += FlowCache.bytes_for(flow.cfg, frames, flow.dtype)
         sched = config.scheduler
         self.scheduler = Scheduler(sched)
         self.sessions: dict[str, _SessionRun] = {}

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from voice_agent.model.flow_cache import CachedCall, FlowCache
-from voice_agent.model.flow_config import N_MELS
+from voice_agent.model.flow_config import N_MELS, FlowConfig
 from voice_agent.model.flow_estimator import CONV_KERNEL
 
 if TYPE_CHECKING:
@@ -93,6 +93,31 @@ class NoiseSource:
         self._released = max(self._released, frame // self.block_frames)
 
 
+def _align_units(cfg: FlowConfig) -> int:
+    """Units between boundaries of both the encoder's and the estimator's chunk grids."""
+    chunks = [c for c in (cfg.encoder_chunk_tokens * cfg.token_mel_ratio, cfg.decoder_chunk_frames) if c > 0]
+    return math.lcm(cfg.token_mel_ratio, *chunks) // cfg.token_mel_ratio
+
+
+def cacheable(cfg: FlowConfig) -> bool:
+    """Whether completed chunks are final (a flow without chunking attends to everything, always)."""
+    return cfg.encoder_chunk_tokens > 0 and cfg.decoder_chunk_frames > 0
+
+
+def max_cached_frames(cfg: FlowConfig, context_units: int | None, reply_units: int) -> int:
+    """The most frames a cached stream holds between pushes, for replies of up to `reply_units`."""
+    if not cacheable(cfg):
+        return 0
+    align = _align_units(cfg)
+    grid = cfg.token_mel_ratio * align
+    whole = cfg.token_mel_ratio * reply_units // grid * grid
+    if context_units is None:
+        return whole
+    # after a push the window start is > token_offset - context - align, and the cache ends at or
+    # before 2 * token_offset; frames before the next window start are freed by the push
+    return min(cfg.token_mel_ratio * (context_units + align) // grid * grid, whole)
+
+
 class StreamState(Enum):
     OPEN = "open"  # accepts pushes
     FINISHED = "finished"  # the final push was made
@@ -122,10 +147,8 @@ class FlowStream:
         self.token_offset = 0  # units whose frames were emitted
         self.state = StreamState.OPEN
         self.last_window_units = 0  # units the flow saw in the last push (the per-block cost)
-        chunks = [c for c in (cfg.encoder_chunk_tokens * cfg.token_mel_ratio, cfg.decoder_chunk_frames) if c > 0]
-        self._align = math.lcm(cfg.token_mel_ratio, *chunks) // cfg.token_mel_ratio  # units
-        chunked = cfg.encoder_chunk_tokens > 0 and cfg.decoder_chunk_frames > 0
-        self.cache = FlowCache() if cached and chunked else None
+        self._align = _align_units(cfg)
+        self.cache = FlowCache() if cached and cacheable(cfg) else None
 
     def push(self, units: Sequence[int] | torch.Tensor, final: bool) -> torch.Tensor:
         """Append `units` and return the newly determined mel frames (80, T_new), float32."""
@@ -158,11 +181,13 @@ class FlowStream:
         self.last_window_units = len(job.units) - job.start if job.stop > self.token_offset else 0
         self.units = job.units
         self.token_offset = max(self.token_offset, job.stop)
-        self.noise.release_before(self.flow.cfg.token_mel_ratio * job.start)
+        ratio = self.flow.cfg.token_mel_ratio
+        self.noise.release_before(ratio * job.start)
         if job.final:
-            self.cache = None
-        if job.final:
-            self.state = StreamState.FINISHED
+            self.cache, self.state = None, StreamState.FINISHED
+        elif self.cache is not None:  # what the next window will not see is freed now
+            self.cache.drop_before(ratio * self.window_start(self.token_offset))
+
 
 
 def push_many(
