@@ -376,4 +376,6 @@ def test_bench_vocoder_prints_per_block_figures(capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert "reply 30 units (1.2 s) in blocks of 10" in out
     assert "faithful: median flow ms" in out and "bounded (10 units): median flow ms" in out
-    assert "mel (bounded vs faithful)" in out and "waveform (bounded vs faithful)" in out
+    assert "bounded (10) + cache: median flow ms" in out
+    assert "mel (bounded (10 units) vs faithful)" in out and "waveform (bounded (10 units) vs faithful)" in out
+    assert "mel (bounded (10) + cache vs faithful)" in out

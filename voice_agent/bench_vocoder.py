@@ -1,10 +1,12 @@
 """`voice-agent bench vocoder`: per-block flow and HiFT cost of streaming one spoken reply.
 
-A reply of N random units is streamed in live blocks of 10 units, twice: in the faithful mode (the flow
-recomputes over every unit so far, as the reference does: per-block cost grows with the reply) and in the
-bounded mode (`--context-units` of left context: per-block cost stays flat). It prints per-block times
-against reply length, medians of the first and last blocks, the real-time factor, and how far the bounded
-mel and waveform are from the faithful ones (same speaker, same flow noise, same HiFT excitation seeds).
+A reply of N random units is streamed in live blocks of 10 units, three times: in the faithful mode (the
+flow recomputes over every unit so far, as the reference does: per-block cost grows with the reply), in the
+bounded mode (`--context-units` of left context: per-block cost stays flat) and in the bounded mode with the
+chunk cache (the estimator runs on the current chunk only; the server's default). It prints per-block times
+and estimator frames against reply length, medians of the first and last blocks, the real-time factor, and
+how far the mel and waveform of the other modes are from the faithful ones (same speaker, same flow noise,
+same HiFT excitation seeds).
 
 Weights: `--decoder-dir` loads a cosy2_decoder directory; `--preset tiny` builds the tiny set; `--preset real`
 builds random weights at the official shapes in memory (timings are real, deviations are those of a random
@@ -36,7 +38,8 @@ EDGE_BLOCKS = 5  # blocks averaged at the start and at the end of the reply
 @dataclass
 class BlockTiming:
     units_so_far: int
-    window_units: int  # units the flow recomputed for this block
+    window_units: int  # units the flow's encoder saw for this block
+    frames: int  # mel frames the estimator ran on for this block
     flow_s: float
     hift_s: float
 
@@ -92,10 +95,10 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[Flow, H
 
 
 def stream_once(flow: Flow, hift: HiFT, spk: torch.Tensor, units: Sequence[int], block: int,
-                context_units: int | None, seed: int) -> StreamRun:
+                context_units: int | None, seed: int, cached: bool = False) -> StreamRun:
     """Stream `units` in blocks through flow then HiFT, timing each stage per block."""
     device = hift.conv_pre.weight.device
-    flow_stream = FlowStream(flow, spk, seed, context_units=context_units)
+    flow_stream = FlowStream(flow, spk, seed, context_units=context_units, cached=cached)
     hift_stream = HiFTStream(hift, seed ^ EXCITATION_SEED_SALT)
     timings, mels, chunks = [], [], []
     starts = list(range(0, len(units), block))
@@ -110,7 +113,8 @@ def stream_once(flow: Flow, hift: HiFT, spk: torch.Tensor, units: Sequence[int],
         _sync(device)
         t2 = time.perf_counter()
         mels.append(mel.float().cpu())
-        timings.append(BlockTiming(min(b + block, len(units)), flow_stream.last_window_units, t1 - t0, t2 - t1))
+        timings.append(BlockTiming(min(b + block, len(units)), flow_stream.last_window_units,
+                                   flow_stream.last_frames, t1 - t0, t2 - t1))
     return StreamRun(timings, torch.cat(mels, dim=1), np.concatenate(chunks))
 
 
@@ -127,17 +131,18 @@ def _deviation(label: str, ref: np.ndarray, other: np.ndarray) -> str:
     return f"{label}: max |diff| {np.abs(diff).max():.3g}, rms {rms:.3g}, rms/std {rel:.3g}, SNR {snr:.1f} dB"
 
 
-def report(faithful: StreamRun, bounded: StreamRun, context_units: int, n_units: int) -> None:
-    rows = len(faithful.timings)
+def report(runs: dict[str, StreamRun], n_units: int) -> None:
+    """Per-block table, then per mode: first / last block medians, RTF, deviation from the first mode."""
+    names = list(runs)
+    rows = len(runs[names[0]].timings)
     step = max(1, rows // 10)
-    print(f"{'block':>5} {'units':>6} | {'faithful flow ms':>16} {'(window)':>8} | "
-          f"{'bounded flow ms':>15} {'(window)':>8} | {'hift ms':>7}")
+    print(f"{'block':>5} {'units':>6} | " + " | ".join(f"{n[:24]:>24} ms (frames)" for n in names) + " | hift ms")
     for i in sorted(set(range(0, rows, step)) | {rows - 1}):
-        f, b = faithful.timings[i], bounded.timings[i]
-        print(f"{i:>5} {f.units_so_far:>6} | {1000 * f.flow_s:>16.1f} {f.window_units:>8} | "
-              f"{1000 * b.flow_s:>15.1f} {b.window_units:>8} | {1000 * f.hift_s:>7.1f}")
+        cells = [f"{1000 * r.timings[i].flow_s:>27.1f} {r.timings[i].frames:>8}" for r in runs.values()]
+        row = runs[names[0]].timings[i]
+        print(f"{i:>5} {row.units_so_far:>6} | " + " | ".join(cells) + f" | {1000 * row.hift_s:>7.1f}")
     body = slice(0, rows - 1) if rows > 1 else slice(0, rows)  # the final flush block is shorter
-    for name, run in (("faithful", faithful), (f"bounded ({context_units} units)", bounded)):
+    for name, run in runs.items():
         t = run.timings[body]
         first, last = t[:EDGE_BLOCKS], t[-EDGE_BLOCKS:]
         total = sum(x.flow_s + x.hift_s for x in run.timings)
@@ -145,8 +150,10 @@ def report(faithful: StreamRun, bounded: StreamRun, context_units: int, n_units:
               f"last {len(last)} {_median_ms([x.flow_s for x in last]):.1f}; "
               f"median hift ms {_median_ms([x.hift_s for x in t]):.1f}; "
               f"RTF {total / (n_units * SAMPLES_PER_UNIT / SAMPLE_RATE_HZ):.3f}")
-    print(_deviation("mel (bounded vs faithful)", faithful.mel.numpy(), bounded.mel.numpy()))
-    print(_deviation("waveform (bounded vs faithful)", faithful.audio, bounded.audio))
+    ref = runs[names[0]]
+    for name in names[1:]:
+        print(_deviation(f"mel ({name} vs {names[0]})", ref.mel.numpy(), runs[name].mel.numpy()))
+        print(_deviation(f"waveform ({name} vs {names[0]})", ref.audio, runs[name].audio))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"weights: {what}; device {device}; threads {torch.get_num_threads()}; reply {args.reply_units} units "
           f"({args.reply_units * SAMPLES_PER_UNIT / SAMPLE_RATE_HZ:.1f} s) in blocks of {args.block}")
     stream_once(flow, hift, spk, units[: 2 * args.block], args.block, None, args.seed)  # warm-up
-    faithful = stream_once(flow, hift, spk, units, args.block, None, args.seed)
-    bounded = stream_once(flow, hift, spk, units, args.block, args.context_units, args.seed)
-    report(faithful, bounded, args.context_units, args.reply_units)
+    n = args.context_units
+    runs = {
+        "faithful": stream_once(flow, hift, spk, units, args.block, None, args.seed),
+        f"bounded ({n} units)": stream_once(flow, hift, spk, units, args.block, n, args.seed),
+        f"bounded ({n}) + cache": stream_once(flow, hift, spk, units, args.block, n, args.seed, cached=True),
+    }
+    report(runs, args.reply_units)
     return 0

@@ -146,7 +146,8 @@ class FlowStream:
         self.units: list[int] = []
         self.token_offset = 0  # units whose frames were emitted
         self.state = StreamState.OPEN
-        self.last_window_units = 0  # units the flow saw in the last push (the per-block cost)
+        self.last_window_units = 0  # units the flow's encoder saw in the last push
+        self.last_frames = 0  # mel frames the estimator ran on in the last push (the per-block cost)
         self._align = _align_units(cfg)
         self.cache = FlowCache() if cached and cacheable(cfg) else None
 
@@ -204,6 +205,8 @@ def push_many(
     if streams and any(s.flow is not streams[0].flow for s in streams):
         raise ValueError("push_many: expected streams of one flow")
     jobs = [s._plan(u, bool(f)) for s, u, f in zip(streams, unit_blocks, finals, strict=True)]
+    for s in streams:
+        s.last_frames = 0
     ratio = streams[0].flow.cfg.token_mel_ratio if streams else 1
     out = [torch.zeros(s.flow.cfg.output_size, 0, device=s.flow.device) for s in streams]
     rows = [i for i, (s, j) in enumerate(zip(streams, jobs, strict=True)) if j.stop > s.token_offset]
@@ -226,6 +229,7 @@ def push_many(
         mel, mel_lens = flow.inference(tokens, torch.tensor(lens), spk, [jobs[i].final for i in rows], noise)
         for r, i in enumerate(rows):
             job, stream = jobs[i], streams[i]
+            stream.last_frames = int(mel_lens[r])
             begin, end = ratio * (stream.token_offset - job.start), ratio * (job.stop - job.start)
             assert end == int(mel_lens[r]), f"frame bookkeeping: expected {end} frames, flow gave {int(mel_lens[r])}"
             out[i] = mel[r, :, begin:end]
@@ -281,7 +285,8 @@ def _push_cached(streams: Sequence[FlowStream], jobs: Sequence[_Job]) -> list[to
                        cached=call)
     mel = (mel * mask).float()
     out = []
-    for r, ((done, _), job, stream) in enumerate(zip(spans, jobs, streams, strict=True)):
+    for r, ((done, end), job, stream) in enumerate(zip(spans, jobs, streams, strict=True)):
+        stream.last_frames = end - done
         out.append(mel[r, :, ratio * stream.token_offset - done : ratio * job.stop - done])
     return out
 
