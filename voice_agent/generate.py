@@ -89,7 +89,8 @@ class ReplyVocoder:
         self.decoder = Cosy2Decoder.load(directory, device=device)
         self.spk = self.decoder.voice(voice)
         self.seed = seed
-        self.stream = self.decoder.stream(self.spk, seed)
+        # the reference's full recompute: a whole-reply cache would hold 4.6 MB per frame at the official size
+        self.stream = self.decoder.stream(self.spk, seed, context_units=None, cached=False)
         self.sample_rate = OUTPUT_SAMPLE_RATE
 
     def push(self, units: list[int], final: bool) -> np.ndarray:
