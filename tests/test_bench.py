@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from voice_agent.bench import bench_engine_main, bench_model_main, synthetic_audio
+from voice_agent.bench import bench_engine_main, bench_model_main, playback_stall_ms, synthetic_audio
 from voice_agent.model.presets import PRESETS, build_preset
 
 
@@ -16,10 +16,26 @@ def test_bench_engine_compares_concurrent_and_sequential(capsys: pytest.CaptureF
     assert code == 0
     for label in ("[concurrent] 2 turns, 0 errors", "[sequential] 2 turns, 0 errors"):
         assert label in out
-    for figure in ("first audio ms: p50", "max gap between audio chunks", "real-time factor per turn",
-                   "throughput:", "mean rows per call", "batching ratio"):
+    for figure in ("first audio ms: p50", "max gap between audio chunks", "playback stalls",
+                   "real-time factor per turn", "throughput:", "mean rows per call", "batching ratio"):
         assert figure in out, figure
     assert "mean rows per call: text 1.00, tts 1.00" in out.split("[sequential]")[1]
+
+
+def test_playback_stalls_count_only_time_without_audio() -> None:
+    # chunks of 400 ms arriving every 300 ms never stall; one arriving 900 ms after the audio ran out does
+    assert playback_stall_ms([0.0, 0.3, 0.6, 0.9], [400.0] * 4) == 0.0
+    assert playback_stall_ms([0.0, 0.3, 1.7], [400.0] * 3) == pytest.approx(900.0)
+    assert playback_stall_ms([0.0, 0.5, 1.0], [400.0] * 3) == pytest.approx(200.0)  # 100 ms twice
+    assert playback_stall_ms([], []) == 0.0
+
+
+def test_bench_engine_spreads_arrivals(capsys: pytest.CaptureFixture[str]) -> None:
+    code = bench_engine_main(["--preset", "tiny", "--sessions", "2", "--text-tokens", "3", "--final-units", "5",
+                              "--audio-seconds", "0.5", "--arrival-ms", "200", "--no-flow-cache"])
+    out = capsys.readouterr().out
+    assert code == 0 and "[concurrent] 2 turns, 0 errors" in out
+    assert "flow window 100 units; turn starts spread over 200 ms" in out  # and no chunk cache
 
 
 def test_bench_model_prints_every_stage(capsys: pytest.CaptureFixture[str]) -> None:

@@ -90,6 +90,7 @@ class TurnRecord:
     first_units: float | None = None
     first_audio: float | None = None
     chunk_times: list[float] = field(default_factory=list)
+    chunk_ms: list[float] = field(default_factory=list)  # audio each chunk carries
     done: float | None = None
     audio_ms: float = 0.0
     units: int = 0
@@ -105,6 +106,7 @@ async def _run_turn(session: Any, audio: np.ndarray, seed: int, forced: Any) -> 
         if isinstance(event, AudioChunk):
             rec.first_audio = rec.first_audio or now
             rec.chunk_times.append(now)
+            rec.chunk_ms.append(event.duration_ms)
         elif event.kind == "unit_block":
             rec.first_units = rec.first_units or now
             rec.units += len(event.units)
@@ -123,6 +125,8 @@ async def _run_engine(engine: Any, args: argparse.Namespace, sequential: bool) -
     audios = [synthetic_audio(args.audio_seconds, i) for i in range(args.sessions)]
 
     async def conversation(i: int) -> list[TurnRecord]:
+        if not sequential and args.arrival_ms > 0:  # turn ends spread evenly over the window
+            await asyncio.sleep(args.arrival_ms / 1000 * i / max(1, args.sessions))
         return [await _run_turn(sessions[i], audios[i], args.seed + 1000 * i + k, forced)
                 for k in range(args.turns)]
 
@@ -135,6 +139,18 @@ async def _run_engine(engine: Any, args: argparse.Namespace, sequential: bool) -
     for s in sessions:
         await s.close()
     return records, wall
+
+
+def playback_stall_ms(chunk_times: Sequence[float], chunk_ms: Sequence[float]) -> float:
+    """Silence a listener hears inside a reply: playback starts with the first chunk and plays each chunk
+    when it has arrived and the one before it has played out; time waiting for a late chunk is a stall."""
+    stall, play_end = 0.0, None
+    for t, ms in zip(chunk_times, chunk_ms, strict=True):
+        t_ms = 1000 * t
+        if play_end is not None and t_ms > play_end:
+            stall += t_ms - play_end
+        play_end = max(play_end if play_end is not None else t_ms, t_ms) + ms
+    return stall
 
 
 def _report(label: str, records: list[TurnRecord], wall: float, stats: Any) -> None:
@@ -154,6 +170,9 @@ def _report(label: str, records: list[TurnRecord], wall: float, stats: Any) -> N
     if first:
         print(f"  first audio ms: p50 {_pct(first, 0.5):.1f}  p95 {_pct(first, 0.95):.1f}  p99 {_pct(first, 0.99):.1f}")
         print(f"  max gap between audio chunks: {max(gaps, default=0.0):.1f} ms")
+        stalls = [playback_stall_ms(r.chunk_times, r.chunk_ms) for r in ok]
+        print(f"  playback stalls (a chunk later than the audio before it ran out): "
+              f"{sum(x > 0 for x in stalls)} of {len(stalls)} turns, worst {max(stalls, default=0.0):.1f} ms")
     if rtf:
         print(f"  real-time factor per turn (generation time / audio): mean {statistics.mean(rtf):.3f}  "
               f"max {max(rtf):.3f}")
@@ -179,6 +198,8 @@ def bench_engine_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--final-units", type=int, default=20, help="forced units after the final read")
     p.add_argument("--audio-seconds", type=float, default=2.0, help="length of each synthetic user turn")
     p.add_argument("--flow-context-units", type=int, default=100, help="bounded flow window (-1: whole reply)")
+    p.add_argument("--arrival-ms", type=float, default=0.0,
+                   help="concurrent mode: spread the sessions' turn starts evenly over this window")
     p.add_argument("--no-flow-cache", action="store_true", help="recompute the flow window every block")
     p.add_argument("--no-audio", action="store_true", help="units only: leave the vocoder out")
     mode = p.add_mutually_exclusive_group()
@@ -211,7 +232,8 @@ def bench_engine_main(argv: Sequence[str] | None = None) -> int:
               f"{args.text_tokens} text tokens + {args.final_units} final units per reply, "
               f"{args.audio_seconds:.1f} s user audio, {'unpadded' if args.unpadded else 'padded'} encoder input"
               f"{', no vocoder' if engine.worker.decoder is None else ''}"
-              f", flow window {args.flow_context_units} units{'' if args.no_flow_cache else ' + chunk cache'}")
+              f", flow window {args.flow_context_units} units{'' if args.no_flow_cache else ' + chunk cache'}"
+              f"{f'; turn starts spread over {args.arrival_ms:.0f} ms' if args.arrival_ms > 0 else ''}")
         warm = engine.open_session()
         await _run_turn(warm, synthetic_audio(1.0, 99), 0, ForcedLength(*WARMUP))
         await warm.close()
