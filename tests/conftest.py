@@ -4,6 +4,19 @@ torch runs single-threaded in tests: the tiny models are far too small to gain f
 shared 2-core machine a second thread turns millisecond calls into seconds of contention.
 """
 
+from pathlib import Path
+
+import pytest
 import torch
 
+from voice_agent.model.flow import FlowConfig, write_tiny_flow
+
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def flow_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random flow.pt (FlowConfig.tiny(), seed 0)."""
+    path = tmp_path_factory.mktemp("cosy2_decoder") / "flow.pt"
+    write_tiny_flow(path, FlowConfig.tiny(), seed=0)
+    return path

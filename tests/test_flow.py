@@ -39,13 +39,6 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def flow_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cosy2_decoder") / "flow.pt"
-    write_tiny_flow(path, CFG, seed=0)
-    return path
-
-
-@pytest.fixture(scope="module")
 def flow(flow_path: Path) -> Flow:
     return load_flow(flow_path, CFG)
 

@@ -3,33 +3,17 @@ bounded caches stay bounded and are closer to the recompute than the plain bound
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from voice_agent.model.flow import Flow, FlowConfig, FlowStream, load_flow, push_many, write_tiny_flow
+from voice_agent.model.flow import Flow, FlowConfig, FlowStream, load_flow, push_many
 from voice_agent.model.flow_cache import FlowCache
 from voice_agent.model.flow_stream import max_cached_frames
 
 CFG = FlowConfig.tiny()
 SMALL = CFG.with_chunks(5, 10)  # same weights, 5-unit / 10-frame chunks: many completed chunks in a short reply
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def flow_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cosy2_decoder") / "flow.pt"
-    write_tiny_flow(path, CFG, seed=0)
-    return path
 
 
 @pytest.fixture(scope="module")
