@@ -15,6 +15,8 @@ from voice_agent.model.mel import (
     N_FRAMES,
     N_SAMPLES,
     SAMPLE_RATE,
+    _frames_to_compute,
+    log_mel_rows,
     log_mel_spectrogram,
     mel_filterbank,
     mel_frames,
@@ -79,6 +81,45 @@ def test_batch_rows_equal_single_rows() -> None:
         alone = log_mel_spectrogram(batch[i : i + 1], n_mels=80)
         torch.testing.assert_close(together[i : i + 1], alone, atol=1e-6, rtol=0)
     assert not torch.allclose(together[0], together[1], atol=0.1)
+
+
+def full_transform(audio: torch.Tensor, n_mels: int = 128) -> torch.Tensor:
+    """The plain batched log-mel over every frame of (B, N), as the contract states it (no frame skipped)."""
+    window = torch.hann_window(400)
+    stft = torch.stft(audio, 400, 160, window=window, center=True, pad_mode="reflect", return_complex=True)
+    power = stft[..., :-1].abs() ** 2
+    log_spec = torch.clamp(torch.from_numpy(mel_filterbank(n_mels)) @ power, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+@pytest.mark.parametrize("seconds_or_samples", [0, 0.01, 2.0, 29.5, N_SAMPLES - 202, N_SAMPLES - 201, N_SAMPLES])
+def test_silent_tail_frames_equal_the_full_transform(seconds_or_samples: float) -> None:
+    # Only the frames that can see audio are transformed; the rest must equal the full transform, up to the
+    # boundary where the end's reflect padding starts to mirror real samples.
+    n = int(seconds_or_samples * SAMPLE_RATE) if isinstance(seconds_or_samples, float) else seconds_or_samples
+    audio = torch.zeros(2, N_SAMPLES)
+    audio[0, :n] = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.1
+    audio[1, n // 3 : n // 2] = 1e-3  # a quiet burst, then silence
+    got = log_mel_spectrogram(audio, n_mels=80)
+    torch.testing.assert_close(got, full_transform(audio, 80), atol=1e-6, rtol=0)
+    rows = [audio[0, :n], audio[1, : n // 2]]  # the rows API pads each row itself
+    torch.testing.assert_close(log_mel_rows(rows, n_mels=80), got, atol=1e-6, rtol=0)
+
+
+def test_log_mel_rows_pads_each_row_and_checks_its_input() -> None:
+    rows = [speech_like(1.0, seed=7), speech_like(3.5, seed=8), torch.zeros(0)]
+    batch = torch.stack([pad_or_trim(r, N_SAMPLES) for r in rows])
+    torch.testing.assert_close(log_mel_rows(rows), full_transform(batch), atol=1e-6, rtol=0)
+    short = [r[:16000] for r in rows[:2]]
+    torch.testing.assert_close(log_mel_rows(short, num_samples=16000), log_mel_spectrogram(torch.stack(short),
+                               pad_to=None), atol=1e-6, rtol=0)
+    assert _frames_to_compute(16000 - 1, N_SAMPLES) == 103  # frames 0..101 see the audio, then one silent
+    assert _frames_to_compute(N_SAMPLES - 201, N_SAMPLES) == N_FRAMES  # the end padding mirrors audio
+    with pytest.raises(ValueError, match="1-D audio rows"):
+        log_mel_rows([torch.zeros(2, 100)])
+    with pytest.raises(ValueError, match="more than 200 samples"):
+        log_mel_rows([torch.zeros(100)], num_samples=150)
 
 
 def test_unpadded_option_computes_over_the_given_samples_only() -> None:

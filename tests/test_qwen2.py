@@ -10,6 +10,7 @@ from transformers import Qwen2Config
 from transformers import Qwen2ForCausalLM as HFQwen2ForCausalLM
 
 from voice_agent.errors import CheckpointError
+from voice_agent.model import qwen2
 from voice_agent.model.config import Qwen2Dims
 from voice_agent.model.qwen2 import KVCache, Qwen2ForCausalLM
 from voice_agent.model.weights import load_module
@@ -253,3 +254,27 @@ def test_bfloat16_weights_and_cache_track_float32(pair) -> None:
     assert logits.dtype == torch.bfloat16
     reference = full(model, ids)[-1]
     assert (logits[0].float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+@torch.no_grad()
+def test_consecutive_slots_read_the_cache_in_place_with_the_same_numbers(pair) -> None:
+    # Slots 1, 2, 3 are one slice of the cache (read as a view); 3, 1, 2 must be gathered. Same numbers.
+    _, model = pair
+    prompts = [ids_of(20, 5), ids_of(21, 3), ids_of(22, 7)]
+
+    def run(slots: list[int]) -> torch.Tensor:
+        cache = KVCache(model.dims, slots=4, max_len=16)
+        x = torch.stack([model.embed(torch.tensor(p + [0] * (7 - len(p)))) for p in prompts])  # (3, 7, H)
+        valid = torch.tensor([[t < len(p) for t in range(7)] for p in prompts])
+        logits = [model.step(x, torch.arange(7).expand(3, 7), cache, torch.tensor(slots), valid, 8)[1]]
+        for t in range(3):
+            positions = torch.tensor([[len(p) + t] for p in prompts])
+            logits.append(model.step(model.embed(torch.tensor([[5 + t]] * 3)), positions, cache,
+                                     torch.tensor(slots), kv_len=7 + t + 1)[1])
+        return torch.stack(logits)  # (4, 3, V)
+
+    assert qwen2._first_of_run(torch.tensor([1, 2, 3])) == 1 and qwen2._first_of_run(torch.tensor([3, 1, 2])) is None
+    in_place, gathered = run([1, 2, 3]), run([3, 1, 2])
+    assert torch.equal(in_place, gathered)
+    for b, p in enumerate(prompts):
+        torch.testing.assert_close(in_place[-1, b], full(model, p + [5, 6, 7])[-1], **TOL)

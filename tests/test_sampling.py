@@ -17,6 +17,7 @@ from voice_agent.model.sampling import (
     TTS_SAMPLING,
     GenerationSettings,
     SamplingParams,
+    exponential_rows,
     make_generator,
     process_logits,
     sample,
@@ -121,6 +122,24 @@ def test_a_rows_samples_do_not_depend_on_its_batch_mates() -> None:
     gen_alone = make_generator(11)
     alone = [int(sample(logits[1:2], TTS_SAMPLING, [gen_alone])[0]) for _ in range(10)]
     assert [row[1] for row in batched] == alone
+
+
+def test_exponential_rows_equal_exponential_draws_from_each_generator() -> None:
+    # The CPU fast path (uniform draws, transformed as a whole) gives exactly what exponential_ gives,
+    # row by row, and leaves every generator where exponential_ would.
+    for n in (1, 50, 6561):
+        fast = [make_generator(s) for s in (3, 4, 5)]
+        slow = [make_generator(s) for s in (3, 4, 5)]
+        got = exponential_rows(n, fast, torch.device("cpu"), torch.float32)
+        want = torch.stack([torch.empty(n).exponential_(generator=g) for g in slow])
+        assert got.shape == (3, n) and got.dtype == torch.float32
+        assert torch.equal(got, want)
+        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(fast, slow, strict=True))
+    for dtype in (torch.float32, torch.float64):  # the global RNG; float64 draws take exponential_ itself
+        torch.manual_seed(9)
+        got = exponential_rows(40, [None], torch.device("cpu"), dtype)
+        torch.manual_seed(9)
+        assert torch.equal(got[0], torch.empty(40, dtype=dtype).exponential_())
 
 
 def test_samples_follow_the_filtered_distribution() -> None:

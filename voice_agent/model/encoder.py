@@ -228,7 +228,9 @@ class WhisperEncoder(nn.Module):
         if mel_lengths is not None:
             x = x * inside[:, None]  # conv2 must see zeros past each row's end, as when alone
         x = F.gelu(self.conv2(x))  # (B, D, T)
-        x = x.transpose(1, 2)  # (B, T, D)
+        # (B, T, D), made contiguous once: a transposed residual stream would be copied again at every
+        # LayerNorm and Linear.
+        x = x.transpose(1, 2).contiguous()
         x = x + self.positional_embedding[:t].to(x.dtype)
         if mel_lengths is not None:
             enc_lengths = (mel_lengths + 1) // CONV_STRIDE  # (B,)

@@ -9,6 +9,11 @@ openai-whisper does for `log_mel_spectrogram(pad_or_trim(audio), n_mels)`, row b
 3. Slaney mel filterbank (computed here with librosa's formula; equal to whisper's `mel_filters.npz`);
 4. log10(max(mel, 1e-10)); clamp below at (max over the whole row, padding included) - 8; (x + 4) / 4.
 
+Speed, same numbers: only the frames whose window can reach a nonzero sample are transformed (plus one
+silent frame); the frames of the zero tail all take that silent frame's value, which is what the full
+transform gives them (their power is exactly 0). `log_mel_rows` takes rows of any length up to `pad_to`
+and pads them itself, so a batch of short turns never builds (B, 480000). Rows run one at a time.
+
 Option that changes numbers: `pad_to=None` computes the mel over the samples given, without padding to
 30 s ("unpadded"). It is faster, and the encoder can then run on fewer frames, but the frames near the end
 differ (no zero tail), the dynamic-range clamp sees only the real audio, and the encoder sees a shorter
@@ -17,6 +22,7 @@ context than it was trained with, so its outputs are not the reference's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -117,17 +123,89 @@ def log_mel_spectrogram(
     if audio.ndim != 2:
         raise ValueError(f"expected audio of shape (B, N), got shape {tuple(audio.shape)}")
     audio = audio.float()
-    if pad_to is not None:
-        audio = pad_or_trim(audio, pad_to)  # (B, pad_to)
-    if audio.shape[1] <= N_FFT // 2:
-        raise ValueError(f"expected more than {N_FFT // 2} samples for the log-mel, got {audio.shape[1]}")
+    num_samples = audio.shape[1] if pad_to is None else pad_to
+    if num_samples <= N_FFT // 2:
+        raise ValueError(f"expected more than {N_FFT // 2} samples for the log-mel, got {num_samples}")
+    audio = audio[:, :num_samples]
+    return log_mel_rows(list(audio), n_mels, num_samples, last_nonzero=_last_nonzero(audio))
+
+
+def log_mel_rows(
+    rows: Sequence[torch.Tensor],
+    n_mels: int = 128,
+    num_samples: int = N_SAMPLES,
+    *,
+    last_nonzero: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Log-mels of 1-D rows, each zero-padded (or cut) to `num_samples`: -> (B, n_mels, num_samples // 160).
+
+    Equal to `log_mel_spectrogram(stacked rows, n_mels, pad_to=num_samples)` without building the padded
+    batch. `last_nonzero[i]`: an index at or past row i's last nonzero sample (-1: all zero); by default
+    its last given sample. Only the frames that can see a nonzero sample are transformed, plus one silent
+    frame; every later frame is silent too (its window holds only zeros, so its power is exactly 0), so it
+    takes that frame's value. Rows run one at a time: a batched STFT of 30-s rows outgrows CPU caches.
+    """
+    if num_samples <= N_FFT // 2:
+        raise ValueError(f"expected more than {N_FFT // 2} samples for the log-mel, got {num_samples}")
+    if last_nonzero is None:
+        last_nonzero = [min(row.shape[-1], num_samples) - 1 for row in rows]
+    if len(last_nonzero) != len(rows):
+        raise ValueError(f"expected one last_nonzero index per row ({len(rows)}), got {len(last_nonzero)}")
+    if not rows:
+        raise ValueError("expected at least one audio row, got none")
+    for i, row in enumerate(rows):
+        if row.ndim != 1:
+            raise ValueError(f"expected 1-D audio rows, got shape {tuple(row.shape)} for row {i}")
+    out = torch.empty(len(rows), n_mels, mel_frames(num_samples), device=rows[0].device)  # (B, M, frames)
+    for i, (row, last) in enumerate(zip(rows, last_nonzero, strict=True)):
+        computed = _frames_to_compute(last, num_samples)
+        out[i, :, :computed] = _log_mel_frames(row.float(), n_mels, num_samples, computed)
+        out[i, :, computed:] = out[i, :, computed - 1 : computed]  # the silent tail: the last frame's value
+    return out
+
+
+def _frames_to_compute(last: int, num_samples: int) -> int:
+    """Leading frames to transform when samples past `last` are zero: those whose window can reach sample
+    `last` and one silent frame after them; all frames when the end's reflect padding may see audio."""
+    frames = mel_frames(num_samples)
+    reflected = num_samples - 1 - N_FFT // 2  # the end padding mirrors samples [reflected, num_samples - 2]
+    if last >= reflected:
+        return frames
+    reaching = (last + N_FFT // 2) // HOP_LENGTH + 1  # frame c's window covers [160 c - 200, 160 c + 200)
+    return min(frames, reaching + 1)
+
+
+def _log_mel_frames(row: torch.Tensor, n_mels: int, num_samples: int, computed: int) -> torch.Tensor:
+    """The first `computed` frames of the final log-mel (M, computed) of one row padded to `num_samples`.
+
+    When `computed` is less than all frames, the last of them is silent and its value stands for the
+    silent tail, which also joins the row's maximum.
+    """
+    if computed < mel_frames(num_samples):  # these frames need no sample past the last one's window
+        num_samples = (computed - 1) * HOP_LENGTH + N_FFT // 2
+    row = pad_or_trim(row, num_samples)  # (num_samples,)
     stft = torch.stft(
-        audio, N_FFT, HOP_LENGTH, window=_window(audio.device), center=True, pad_mode="reflect",
+        row, N_FFT, HOP_LENGTH, window=_window(row.device), center=True, pad_mode="reflect",
         return_complex=True,
-    )  # (B, F, frames + 1)
-    power = stft[..., :-1].abs() ** 2  # (B, F, frames)
-    mel = _filters(n_mels, audio.device) @ power  # (B, M, frames)
+    )  # (F, frames + 1)
+    power = stft[:, :computed].abs() ** 2  # (F, computed)
+    mel = _filters(n_mels, row.device) @ power  # (M, computed)
     log_spec = torch.clamp(mel, min=LOG_FLOOR).log10()
-    row_max = log_spec.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
-    log_spec = torch.maximum(log_spec, row_max - DYNAMIC_RANGE)
+    log_spec = torch.maximum(log_spec, log_spec.max() - DYNAMIC_RANGE)
     return (log_spec + LOG_OFFSET) / LOG_SCALE
+
+
+def _last_nonzero(audio: torch.Tensor) -> list[int]:
+    """Per row of (B, N): an index at or past the last nonzero (or NaN) sample, to the hop; -1 if none."""
+    b, n = audio.shape
+    whole = n // HOP_LENGTH * HOP_LENGTH
+    last = torch.full((b,), -1, dtype=torch.int64, device=audio.device)
+    if whole > 0:
+        hops = audio[:, :whole].reshape(b, -1, HOP_LENGTH)  # (B, n // 160, 160)
+        sounding = (hops.amax(dim=2) != 0) | (hops.amin(dim=2) != 0)  # (B, n // 160); NaN compares unequal
+        ends = torch.arange(1, sounding.shape[1] + 1, device=audio.device)  # hop i ends before sample 160 i
+        last = (sounding * ends).amax(dim=1) * HOP_LENGTH - 1  # (B,)
+    if whole < n:
+        tail = (audio[:, whole:] != 0).any(dim=1)  # (B,)
+        last = torch.where(tail, n - 1, last)
+    return [int(x) for x in last.tolist()]

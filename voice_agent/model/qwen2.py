@@ -137,6 +137,7 @@ class _Context:
         slots: torch.Tensor | None,
         write_positions: torch.Tensor | None,
         kv_len: int,
+        first_slot: int | None = None,
     ):
         self.cos = cos  # (B, 1, T, Dh)
         self.sin = sin  # (B, 1, T, Dh)
@@ -145,6 +146,14 @@ class _Context:
         self.slots = slots  # (B,)
         self.write_positions = write_positions  # (B, T); padding -> scratch position max_len
         self.kv_len = kv_len  # L
+        self.first_slot = first_slot  # slots == first_slot + arange(B): the cache rows are one slice
+
+    def cached(self, buf: torch.Tensor) -> torch.Tensor:
+        """The first kv_len positions of this call's cache rows: (B, Hkv, L, Dh), a view when it can be."""
+        if self.first_slot is not None:
+            return buf[self.first_slot : self.first_slot + self.mask.shape[0], :, : self.kv_len]
+        assert self.slots is not None
+        return buf[self.slots, :, : self.kv_len]  # gathered copy
 
 
 class Qwen2Attention(nn.Module):
@@ -173,8 +182,7 @@ class Qwen2Attention(nn.Module):
             rows = ctx.slots[:, None]  # (B, 1), broadcast against write_positions (B, T)
             k_buf[rows, :, ctx.write_positions] = k.transpose(1, 2)  # indexed view is (B, T, Hkv, Dh)
             v_buf[rows, :, ctx.write_positions] = v.transpose(1, 2)
-            k = k_buf[ctx.slots, :, : ctx.kv_len]  # (B, Hkv, L, Dh)
-            v = v_buf[ctx.slots, :, : ctx.kv_len]  # (B, Hkv, L, Dh)
+            k, v = ctx.cached(k_buf), ctx.cached(v_buf)  # (B, Hkv, L, Dh) each
         # GQA without repeating K/V: the n_rep query heads that share a KV head are stacked on the query
         # axis (head h uses KV head h // n_rep, as transformers' repeat_kv).
         n_rep = Hq // Hkv
@@ -275,7 +283,8 @@ class Qwen2Model(nn.Module):
             write_positions = positions if valid is None else torch.where(valid, positions, cache.max_len)
             key_positions = torch.arange(L, device=positions.device)
             mask = key_positions[None, None, :] <= positions[:, :, None]  # (B, T, L)
-            ctx = _Context(cos, sin, mask[:, None].repeat(1, 1, n_rep, 1), cache, slots, write_positions, L)
+            ctx = _Context(cos, sin, mask[:, None].repeat(1, 1, n_rep, 1), cache, slots, write_positions, L,
+                           _first_of_run(slots))
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, ctx)
@@ -288,6 +297,15 @@ class Qwen2Model(nn.Module):
             raise ValueError(f"cache: expected (layers, kv_heads, head_dim) = {want}, got {got}")
         if cache.dtype != dtype:
             raise ValueError(f"cache: expected dtype {dtype} (the activations'), got {cache.dtype}")
+
+
+def _first_of_run(slots: torch.Tensor) -> int | None:
+    """slots[0] when the CPU `slots` are consecutive ascending rows (the cache can then be sliced, not
+    gathered); None otherwise, and on other devices (no host sync there)."""
+    if slots.device.type != "cpu":
+        return None
+    rows = slots.tolist()
+    return rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
 
 
 class Qwen2ForCausalLM(nn.Module):

@@ -27,7 +27,7 @@ from voice_agent.errors import CheckpointError
 from voice_agent.model import adapter as adapter_mod
 from voice_agent.model import encoder as encoder_mod
 from voice_agent.model.config import OmniConfig, load_generation_config
-from voice_agent.model.mel import HOP_LENGTH, N_SAMPLES, log_mel_spectrogram
+from voice_agent.model.mel import HOP_LENGTH, N_SAMPLES, log_mel_rows, log_mel_spectrogram
 from voice_agent.model.qwen2 import KVCache, Qwen2ForCausalLM
 from voice_agent.model.sampling import GenerationSettings, unit_mask
 from voice_agent.model.tokenizer import SPEECH_TOKEN_INDEX, OmniTokenizers
@@ -191,11 +191,10 @@ class SpeechLM:
         """16 kHz float32 mono audio per row -> mel, encoder output and adapter output, batched."""
         k = self.config.speech_encoder_ds_rate
         if not self.unpadded:
-            batch = torch.zeros(len(audios), N_SAMPLES)
-            for i, audio in enumerate(audios):
-                row = torch.as_tensor(np.asarray(audio, dtype=np.float32))[:N_SAMPLES]
-                batch[i, : len(row)] = row
-            mel = log_mel_spectrogram(batch.to(self.device), n_mels=self.encoder.n_mels)  # (B, M, 3000)
+            # Each row zero-padded to 30 s inside the log-mel, without building the padded batch.
+            rows = [torch.as_tensor(np.asarray(a, dtype=np.float32))[:N_SAMPLES].to(self.device)
+                    for a in audios]
+            mel = log_mel_rows(rows, n_mels=self.encoder.n_mels, num_samples=N_SAMPLES)  # (B, M, 3000)
             enc = self.encoder(mel.to(self.dtype))  # (B, 1500, D_enc)
             lengths = [enc.shape[1]] * len(audios)
         else:
