@@ -287,7 +287,8 @@ class ModelWorker:
 
         def pick(ids: Sequence[int], ready: Callable[[_TurnRun], bool]) -> list[_TurnRun]:
             turns = [t for t in (self.turns.get(i) for i in ids) if t is not None and ready(t)]
-            return turns[: plan.max_batch]
+            # rows in slot order: consecutive slots read their KV as one view (qwen2.KVCache)
+            return sorted(turns[: plan.max_batch], key=lambda t: t.session.slot)
 
         self._guard(pick(plan.admit, lambda t: t.reply is None), self._admit)
         self._guard(pick(plan.text, lambda t: t.reply is not None and t.reply.wants_text
