@@ -133,6 +133,30 @@ def test_batched_turns_equal_the_same_turns_run_one_by_one(models: Models) -> No
         assert rel < 0.05 and got.done.audio_ms == pytest.approx(len(got.audio()) / 24.0)
 
 
+def test_flow_cache_gives_the_recompute_audio_and_counts_toward_admission(models: Models) -> None:
+    from voice_agent.model.flow_cache import FlowCache
+    from voice_agent.model.flow_stream import max_cached_frames
+
+    caps = {}
+    for cached in (True, False):
+        worker = make_worker(models, flow_cache=cached)
+        worker.open("a", 0, None)
+        caps[cached] = submit(worker, "a", speech(4), 21, forced=ForcedLength(text_tokens=30, final_units=12))
+        run(worker, {"a": caps[cached]})
+    on, off = caps[True], caps[False]
+    assert on.units() == off.units() and len(on.units()) > 100  # a reply crossing the 50-unit chunk twice
+    a, b = on.audio(), off.audio()
+    assert len(a) == len(b) > 0
+    rel = float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b**2)))
+    print(f"relative rms difference cached vs recomputed flow {rel:.2e}")
+    assert rel < 0.05  # see the batched test
+    flow = models.decoder.flow
+    worker_on, worker_off = make_worker(models), make_worker(models, flow_cache=False)
+    reply_units = 10 * (512 // 3 + 1) + 64  # max_reply_tokens 512, final_units 64
+    extra = FlowCache.bytes_for(flow.cfg, max_cached_frames(flow.cfg, 100, reply_units), flow.dtype)
+    assert worker_on.bytes_per_session - worker_off.bytes_per_session == extra > 0
+
+
 def test_multi_turn_kv_reuse_equals_rerunning_the_whole_conversation(models: Models) -> None:
     def two_turns(drop_kv: bool) -> tuple[Capture, int, int]:
         worker = make_worker(models)
