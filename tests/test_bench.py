@@ -17,7 +17,8 @@ def test_bench_engine_compares_concurrent_and_sequential(capsys: pytest.CaptureF
     for label in ("[concurrent] 2 turns, 0 errors", "[sequential] 2 turns, 0 errors"):
         assert label in out
     for figure in ("first audio ms: p50", "max gap between audio chunks", "playback stalls",
-                   "real-time factor per turn", "throughput:", "mean rows per call", "batching ratio"):
+                   "real-time factor per turn", "throughput:", "mean rows per call", "batching ratio",
+                   "MiB of KV and flow cache per session; peak"):
         assert figure in out, figure
     assert "mean rows per call: text 1.00, tts 1.00" in out.split("[sequential]")[1]
 

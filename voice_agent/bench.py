@@ -248,10 +248,23 @@ def bench_engine_main(argv: Sequence[str] | None = None) -> int:
         if args.compare:
             print(f"batching ratio (sequential wall / concurrent wall): "
                   f"{walls['sequential'] / walls['concurrent']:.2f}x")
+        print(f"memory: {engine.worker.bytes_per_session / 2**20:.1f} MiB of KV and flow cache per session; "
+              f"peak {_peak_memory(args.device)}")
         await engine.aclose()
         return 0
 
     return asyncio.run(run())
+
+
+def _peak_memory(device: str) -> str:
+    """Peak memory of this process: allocated on a CUDA device, else resident set size."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident"  # ru_maxrss: KiB
 
 
 def _copy_stats(stats: Any) -> Any:

@@ -114,8 +114,8 @@ def max_cached_frames(cfg: FlowConfig, context_units: int | None, reply_units: i
     if context_units is None:
         return whole
     # after a push the window start is > token_offset - context - align, and the cache ends at or
-    # before 2 * token_offset; frames before the next window start are freed by the push
-    return min(cfg.token_mel_ratio * (context_units + align) // grid * grid, whole)
+    # before 2 * token_offset, so it holds fewer than 2 * (context + align) frames, whole chunks
+    return min((cfg.token_mel_ratio * (context_units + align) - 1) // grid * grid, whole)
 
 
 class StreamState(Enum):
