@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,7 +22,6 @@ import torch
 from voice_agent.conversation import ContextPolicy, Conversation, PromptFormat, Speech, heard_tokens
 from voice_agent.events import (
     INPUT_SAMPLE_RATE,
-    OUTPUT_SAMPLE_RATE,
     AudioChunk,
     EngineEvent,
     ResponseDone,
@@ -52,85 +49,14 @@ from voice_agent.model.reply import (
 from voice_agent.model.speech_lm import ENCODER_STRIDE
 from voice_agent.model.tokenizer import SPEECH_TOKEN_INDEX, Turn
 from voice_agent.scheduler import Scheduler, TurnPhase, TurnView
+from voice_agent.turns import SessionRun, StepStats, TurnRun, heard_of
 
 log = logging.getLogger(__name__)
 
-SAMPLES_PER_MS = OUTPUT_SAMPLE_RATE / 1000.0
 WARMUP_SESSION = "warm-up"
 
 
-@dataclass
-class StepStats:
-    """Counters for benchmarks: steps run and rows per batched call."""
-
-    steps: int = 0
-    admitted: int = 0
-    prefill_tokens: int = 0
-    text_rows: int = 0
-    text_calls: int = 0
-    tts_rows: int = 0
-    tts_calls: int = 0
-    vocode_rows: int = 0
-    vocode_calls: int = 0
-
-
-@dataclass
-class _Heard:
-    """What a finished reply needs for a late cut: its reads and units per block."""
-
-    reads: list[tuple[int, int]]
-    blocks: list[int]
-    text_tokens: int
-
-
-@dataclass(eq=False)
-class _SessionRun:
-    id: str
-    slot: int
-    conversation: Conversation | None  # None when the session's prompt could not be built
-    broken: str = ""
-    turn: _TurnRun | None = None
-    last: _Heard | None = None
-
-
-@dataclass(eq=False)
-class _TurnRun:
-    """One turn in flight. Phase: no reply yet = QUEUED; reply done = FLUSHING; else GENERATING."""
-
-    id: int
-    session: _SessionRun
-    audio: np.ndarray | None
-    settings: TurnSettings
-    timings: TurnTimings
-    forced: ForcedLength | None
-    emit: Callable[[EngineEvent], None]
-    max_new_tokens: int
-    begun: bool = False  # the user turn joined the conversation
-    reply: Reply | None = None
-    reply_start: int = 0
-    vocoder: Any = None
-    detok: Any = None
-    pending_units: list[int] = field(default_factory=list)
-    chunks: deque[tuple[tuple[int, ...], bool]] = field(default_factory=deque)
-    samples_sent: int = 0
-
-    @property
-    def phase(self) -> TurnPhase:
-        if self.reply is None:
-            return TurnPhase.QUEUED
-        return TurnPhase.FLUSHING if self.reply.done else TurnPhase.GENERATING
-
-    @property
-    def audio_ms(self) -> float:
-        return self.samples_sent / SAMPLES_PER_MS
-
-
-def _heard(reply: Reply) -> _Heard:
-    return _Heard([(r.start, r.stop) for r in reply.reads], [len(b) for b in reply.schedule.unit_blocks],
-                  len(reply.text_ids))
-
-
-def _replies(turns: Sequence[_TurnRun]) -> list[Reply]:
+def _replies(turns: Sequence[TurnRun]) -> list[Reply]:
     replies = [t.reply for t in turns]
     assert all(r is not None for r in replies), "a stage got a turn without a reply"
     return replies  # type: ignore[return-value]
@@ -169,8 +95,8 @@ class ModelWorker:
             self.bytes_per_session += FlowCache.bytes_for(flow.cfg, frames, flow.dtype)
         sched = config.scheduler
         self.scheduler = Scheduler(sched)
-        self.sessions: dict[str, _SessionRun] = {}
-        self.turns: dict[int, _TurnRun] = {}  # live turns by id (= arrival order)
+        self.sessions: dict[str, SessionRun] = {}
+        self.turns: dict[int, TurnRun] = {}  # live turns by id (= arrival order)
         self.stats = StepStats()
         self.on_done = on_done
         self._formats: dict[str | None, PromptFormat] = {}
@@ -220,7 +146,7 @@ class ModelWorker:
 
     # ---------------------------------------------------------------- commands
     def open(self, session_id: str, slot: int, system_prompt: str | None) -> None:
-        session = _SessionRun(session_id, slot, None)
+        session = SessionRun(session_id, slot, None)
         try:
             policy = ContextPolicy(self.context_tokens, self.config.context_low_water)
             session.conversation = Conversation(self._format(system_prompt), policy)
@@ -236,7 +162,7 @@ class ModelWorker:
             return
         self._arrivals += 1
         max_new = forced.text_tokens if forced else settings.max_new_tokens or self.config.max_new_tokens
-        turn = _TurnRun(self._arrivals, session, audio, settings, timings, forced, emit, max_new)
+        turn = TurnRun(self._arrivals, session, audio, settings, timings, forced, emit, max_new)
         session.turn, session.last = turn, None
         self.turns[turn.id] = turn
 
@@ -253,7 +179,7 @@ class ModelWorker:
         text = ""
         if turn.reply is not None:
             r = turn.reply
-            h = _heard(r)
+            h = heard_of(r)
             keep = h.text_tokens if played_ms is None else heard_tokens(played_ms, h.reads, h.blocks,
                                                                          h.text_tokens, r.done)
             conv.finish_reply(r.text_ids[:keep], r.llm_len - turn.reply_start, self.lm.generation.eos_token_ids)
@@ -285,7 +211,7 @@ class ModelWorker:
         plan = self.scheduler.schedule([self._view(t, now) for t in self.turns.values()])
         self.stats.steps += 1
 
-        def pick(ids: Sequence[int], ready: Callable[[_TurnRun], bool]) -> list[_TurnRun]:
+        def pick(ids: Sequence[int], ready: Callable[[TurnRun], bool]) -> list[TurnRun]:
             turns = [t for t in (self.turns.get(i) for i in ids) if t is not None and ready(t)]
             # rows in slot order: consecutive slots read their KV as one view (qwen2.KVCache)
             return sorted(turns[: plan.max_batch], key=lambda t: t.session.slot)
@@ -299,7 +225,7 @@ class ModelWorker:
             if turn.reply is not None and turn.reply.done and not turn.chunks:
                 self._finish(turn)
 
-    def _guard(self, turns: list[_TurnRun], stage: Callable[[list[_TurnRun]], None]) -> None:
+    def _guard(self, turns: list[TurnRun], stage: Callable[[list[TurnRun]], None]) -> None:
         if not turns:
             return
         try:
@@ -310,7 +236,7 @@ class ModelWorker:
                 if turn.id in self.turns:
                     self._fail(turn, getattr(e, "code", "engine_error"), f"{type(e).__name__}: {e}")
 
-    def _view(self, t: _TurnRun, now: float) -> TurnView:
+    def _view(self, t: TurnRun, now: float) -> TurnView:
         r = t.reply
         if r is None:
             conv = t.session.conversation
@@ -328,11 +254,11 @@ class ModelWorker:
             return self.lm.encoder.n_ctx // k
         return -(-samples // (ENCODER_STRIDE * HOP_LENGTH * k))
 
-    def _admit(self, turns: list[_TurnRun]) -> None:
+    def _admit(self, turns: list[TurnRun]) -> None:
         lm, cfg = self.lm, self.config
         features = lm.speech_features([t.audio for t in turns])
         now = time.monotonic()
-        ready: list[_TurnRun] = []
+        ready: list[TurnRun] = []
         embeds: list[torch.Tensor] = []
         for i, t in enumerate(turns):
             t.timings.encoder_done, t.audio = now, None
@@ -365,21 +291,21 @@ class ModelWorker:
                 assert t.reply.llm_len == t.reply_start, "prefill and conversation disagree on the prompt length"
                 self._drain(t)
 
-    def _text(self, turns: list[_TurnRun]) -> None:
+    def _text(self, turns: list[TurnRun]) -> None:
         decode_text(self.lm, _replies(turns), self._llm_cache)
         self.stats.text_rows += len(turns)
         self.stats.text_calls += 1
         for t in turns:
             self._drain(t)
 
-    def _tts(self, turns: list[_TurnRun]) -> None:
+    def _tts(self, turns: list[TurnRun]) -> None:
         decode_tts(self.lm, _replies(turns), self._tts_cache)
         self.stats.tts_rows += len(turns)
         self.stats.tts_calls += 1
         for t in turns:
             self._drain(t)
 
-    def _drain(self, t: _TurnRun) -> None:
+    def _drain(self, t: TurnRun) -> None:
         """Postprocess: a reply's outbox -> text deltas and unit chunks."""
         assert t.reply is not None
         W = self.lm.config.write_units
@@ -403,7 +329,7 @@ class ModelWorker:
                 if tail:
                     t.emit(TextDelta(tail))
 
-    def _chunk(self, t: _TurnRun, final: bool, now: float) -> None:
+    def _chunk(self, t: TurnRun, final: bool, now: float) -> None:
         units = tuple(t.pending_units)
         t.pending_units.clear()
         if units:
@@ -412,7 +338,7 @@ class ModelWorker:
             t.emit(UnitBlock(units))
         t.chunks.append((units, final))
 
-    def _vocode(self, turns: list[_TurnRun]) -> None:
+    def _vocode(self, turns: list[TurnRun]) -> None:
         if self.decoder is None:  # units only
             for t in turns:
                 t.chunks.clear()
@@ -432,21 +358,21 @@ class ModelWorker:
                 t.samples_sent += len(pcm)
 
     # ---------------------------------------------------------------- endings
-    def _finish(self, t: _TurnRun) -> None:
+    def _finish(self, t: TurnRun) -> None:
         r, conv = t.reply, t.session.conversation
         assert r is not None and conv is not None and r.finish_reason is not None
         conv.finish_reply(r.text_ids, r.llm_len - t.reply_start, self.lm.generation.eos_token_ids)
-        t.session.last = _heard(r)
+        t.session.last = heard_of(r)
         t.timings.done = time.monotonic()
         self._end(t, ResponseDone(self.lm.tok.decode(conv.exchanges[-1].reply), r.finish_reason, t.timings,
                                   t.audio_ms))
 
-    def _fail(self, t: _TurnRun, code: str, message: str) -> None:
+    def _fail(self, t: TurnRun, code: str, message: str) -> None:
         if t.begun and t.session.conversation is not None:
             t.session.conversation.abort_turn()
         self._end(t, TurnError(code, message))
 
-    def _end(self, t: _TurnRun, event: EngineEvent) -> None:
+    def _end(self, t: TurnRun, event: EngineEvent) -> None:
         """Free everything the turn holds and send its last event."""
         self.turns.pop(t.id, None)
         if t.session.turn is t:
