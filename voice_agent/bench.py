@@ -232,7 +232,8 @@ def bench_engine_main(argv: Sequence[str] | None = None) -> int:
               f"{args.text_tokens} text tokens + {args.final_units} final units per reply, "
               f"{args.audio_seconds:.1f} s user audio, {'unpadded' if args.unpadded else 'padded'} encoder input"
               f"{', no vocoder' if engine.worker.decoder is None else ''}"
-              f", flow window {args.flow_context_units} units{'' if args.no_flow_cache else ' + chunk cache'}"
+              f", flow window {'whole reply' if args.flow_context_units < 0 else f'{args.flow_context_units} units'}"
+              f"{'' if args.no_flow_cache else ' + chunk cache'}"
               f"{f'; turn starts spread over {args.arrival_ms:.0f} ms' if args.arrival_ms > 0 else ''}")
         warm = engine.open_session()
         await _run_turn(warm, synthetic_audio(1.0, 99), 0, ForcedLength(*WARMUP))
