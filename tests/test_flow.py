@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ from voice_agent.model.flow_stream import stream_reply
 
 CFG = FlowConfig.tiny()
 SMALL_CHUNKS = CFG.with_chunks(5, 10)  # same weights, 5-unit / 10-frame chunks: chunk effects on short input
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny tensors: one thread is as fast, and stays fast when other processes share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

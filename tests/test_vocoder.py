@@ -28,15 +28,6 @@ TINY = HiFTConfig.tiny()
 BLOCKS = (14, 20, 20, 9)  # mel frames per call in the live schedule: 7 units, then 10, 10, then the rest
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The test machine's cores are shared: one intra-op thread avoids oversubscription stalls."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def hift(tmp_path_factory: pytest.TempPathFactory) -> HiFT:
     return load_hift(write_tiny_hift(tmp_path_factory.mktemp("hift") / "hift.pt", TINY, seed=1), TINY)

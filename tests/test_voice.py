@@ -24,15 +24,6 @@ from voice_agent.model.voice import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The test machine's cores are shared: one intra-op thread avoids oversubscription stalls."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def fbank_by_definition(signal: np.ndarray) -> np.ndarray:
     """Kaldi fbank written out step by step in float64 with explicit loops and a DFT matrix."""
     frame_len, shift, n_fft, n_mels, rate = 400, 160, 512, 80, 16000

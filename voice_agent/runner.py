@@ -83,14 +83,14 @@ class ModelWorker:
         cfg = self.lm.config
         self.context_tokens = config.context_tokens or cfg.tokenizer_model_max_length
         R, W, N = cfg.read_tokens, cfg.write_units, config.max_reply_tokens
-        # Every text token, <sep>, W units per read and the final block (as generate.py sizes it).
-        self.tts_positions = N + 2 + W * (N // R + 1) + config.final_units
+        reply_units = W * (N // R + 1) + config.final_units  # W units per read and the final block
+        # Every text token, <sep> and every unit (as generate.py sizes it).
+        self.tts_positions = N + 2 + reply_units
         dtype = self.lm.dtype
         self.bytes_per_session = (self.context_tokens * KVCache.token_bytes(cfg.llm, dtype)
                                   + self.tts_positions * KVCache.token_bytes(cfg.tts, dtype))
         if self.decoder is not None and config.flow_cache:
             flow = self.decoder.flow
-            reply_units = W * (N // R + 1) + config.final_units
             frames = max_cached_frames(flow.cfg, config.flow_context_units, reply_units)
             self.bytes_per_session += FlowCache.bytes_for(flow.cfg, frames, flow.dtype)
         sched = config.scheduler

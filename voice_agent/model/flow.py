@@ -156,7 +156,7 @@ class Flow(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.spk_embed_affine_layer.weight.dtype
 
-    def _check(self, tokens: torch.Tensor, token_lens: torch.Tensor, spk: torch.Tensor) -> None:
+    def check_inputs(self, tokens: torch.Tensor, token_lens: torch.Tensor, spk: torch.Tensor) -> None:
         if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise ValueError(f"tokens: expected an integer tensor (B, N), got {tuple(tokens.shape)} {tokens.dtype}")
         B, N = tokens.shape
@@ -191,7 +191,7 @@ class Flow(nn.Module):
             token_lens.to(device=device, dtype=torch.long),
             spk.to(device),
         )
-        self._check(tokens, token_lens, spk)
+        self.check_inputs(tokens, token_lens, spk)
         B = tokens.size(0)
         finals = [bool(finalize)] * B if isinstance(finalize, bool) else [bool(f) for f in finalize]
         if len(finals) != B:

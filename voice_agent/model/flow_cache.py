@@ -116,13 +116,13 @@ class CachedCall:
 
     def __init__(self, caches: Sequence[FlowCache], lens: Sequence[int], commit: Sequence[int], chunk: int,
                  kernel: int, device: torch.device, dtype: torch.dtype):
-        self.caches, self.lens, self.commit = list(caches), list(lens), list(commit)
+        self.caches, self.commit = list(caches), list(commit)
         self.kernel = kernel
         self._pending: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.caches]
         B, T = len(self.caches), max(lens)
         self.ctx = max(c.frames for c in self.caches)
         cached = torch.tensor([c.frames for c in self.caches], device=device)
-        new = torch.tensor(self.lens, device=device)
+        new = torch.tensor(list(lens), device=device)
         # keys: [left-padded cached frames | new frames]; a query sees every valid cached frame and, among the
         # new frames, those of its own and earlier chunks (new frames start on a chunk boundary)
         cached_ok = torch.arange(self.ctx, device=device)[None, :] >= (self.ctx - cached)[:, None]  # (B, ctx)
@@ -136,8 +136,6 @@ class CachedCall:
             self.bias = torch.cat([bias, bias])[:, None]  # (2B, 1, T, ctx + T)
 
     def step(self, k: int) -> StepContext:
-        if self.ctx == 0 and all(not c.tails for c in self.caches):
-            return StepContext([], [], None, self.bias, self.kernel)
         kv = self._gather_kv(k)  # (blocks, 2, 2B, H, ctx, d) or None
         keys = [] if kv is None else list(kv[:, 0].unbind(0))
         values = [] if kv is None else list(kv[:, 1].unbind(0))

@@ -217,13 +217,10 @@ def push_many(
         rows = [i for i in rows if streams[i].cache is None]
     if rows:
         flow = streams[0].flow
-        lens = [len(jobs[i].units) - jobs[i].start for i in rows]
-        N = max(lens)
-        tokens = torch.zeros(len(rows), N, dtype=torch.long)
-        noise = torch.zeros(len(rows), flow.cfg.output_size, ratio * N)
+        tokens, lens = _window_tokens([jobs[i] for i in rows])
+        noise = torch.zeros(len(rows), flow.cfg.output_size, ratio * tokens.size(1))
         for r, i in enumerate(rows):
             job = jobs[i]
-            tokens[r, : lens[r]] = torch.tensor(job.units[job.start :], dtype=torch.long)
             noise[r, :, : ratio * lens[r]] = streams[i].noise.frames(ratio * job.start, ratio * len(job.units))
         spk = torch.stack([streams[i].spk.float().cpu() for i in rows])  # (B, 192)
         mel, mel_lens = flow.inference(tokens, torch.tensor(lens), spk, [jobs[i].final for i in rows], noise)
@@ -238,6 +235,15 @@ def push_many(
     return out
 
 
+def _window_tokens(jobs: Sequence[_Job]) -> tuple[torch.Tensor, list[int]]:
+    """Each job's window units [start, n) as a zero-padded (B, N) batch, and the window lengths."""
+    lens = [len(j.units) - j.start for j in jobs]
+    tokens = torch.zeros(len(jobs), max(lens), dtype=torch.long)
+    for r, j in enumerate(jobs):
+        tokens[r, : lens[r]] = torch.tensor(j.units[j.start :], dtype=torch.long)
+    return tokens, lens
+
+
 @torch.inference_mode()
 def _push_cached(streams: Sequence[FlowStream], jobs: Sequence[_Job]) -> list[torch.Tensor]:
     """The flow call of cached streams: encode each window, run the estimator on the frames from each
@@ -245,13 +251,10 @@ def _push_cached(streams: Sequence[FlowStream], jobs: Sequence[_Job]) -> list[to
     flow = streams[0].flow
     cfg, device, dtype = flow.cfg, flow.device, flow.dtype
     ratio = cfg.token_mel_ratio
-    lens = [len(j.units) - j.start for j in jobs]
-    tokens = torch.zeros(len(jobs), max(lens), dtype=torch.long)
-    for r, j in enumerate(jobs):
-        tokens[r, : lens[r]] = torch.tensor(j.units[j.start :], dtype=torch.long)
+    tokens, lens = _window_tokens(jobs)
     spk = torch.stack([s.spk.float().cpu() for s in streams])  # (B, 192)
     tokens, token_lens, spk = tokens.to(device), torch.tensor(lens, device=device), spk.to(device)
-    flow._check(tokens, token_lens, spk)
+    flow.check_inputs(tokens, token_lens, spk)
     mu, mel_lens, s = flow.encode(tokens, token_lens, spk, [j.final for j in jobs])  # window frames
     # row r: new frames [done, end) in absolute frames; window frame w is absolute ratio * start + w
     spans = []
