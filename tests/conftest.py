@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from voice_agent.model.flow import FlowConfig, write_tiny_flow
+from voice_agent.model.cosy2.flow import FlowConfig, write_tiny_flow
 
 torch.set_num_threads(1)
 

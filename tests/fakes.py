@@ -1,6 +1,6 @@
 """Test fakes: FakeEngine, FakeEnergyClassifier, and test signals (`tone`, `silence`).
 
-FakeEngine is a fake of `voice_agent.events.Engine` for server and session tests (no model, no torch).
+FakeEngine is a fake of `voice_agent.engine.api.Engine` for server and session tests (no model, no torch).
 
 It emits a scripted reply block by block (a text delta, then `block_ms` of a 24 kHz sine) with a small
 sleep per block standing in for an engine step, honours `cancel(played_ms)` within one step (history
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from voice_agent.events import (
+from voice_agent.engine.api import (
     INPUT_SAMPLE_RATE,
     OUTPUT_SAMPLE_RATE,
     AdmissionError,

@@ -18,35 +18,35 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from voice_agent.generate import run_generate
+    from voice_agent.tools.generate import run_generate
 
     return run_generate(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "model":
-        from voice_agent.bench import bench_model_main
+        from voice_agent.tools.bench import bench_model_main
 
         return bench_model_main(args.rest)
     if args.what == "vocoder":
-        from voice_agent.bench_vocoder import main as bench_vocoder_main
+        from voice_agent.tools.bench_vocoder import main as bench_vocoder_main
 
         return bench_vocoder_main(args.rest)
-    from voice_agent.bench import bench_engine_main
+    from voice_agent.tools.bench import bench_engine_main
 
     return bench_engine_main(args.rest)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from voice_agent.config import ServerConfig
-    from voice_agent.server import run_server
+    from voice_agent.serve.app import run_server
+    from voice_agent.serve.config import ServerConfig
 
     run_server(ServerConfig.from_args(args))
     return 0
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from voice_agent.download import download_main
+    from voice_agent.tools.download import download_main
 
     return download_main(args)
 
@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voice-agent", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from voice_agent.config import DTYPES, ServerConfig  # light: no torch
-    from voice_agent.download import add_download_arguments
+    from voice_agent.serve.config import DTYPES, ServerConfig  # light: no torch
+    from voice_agent.tools.download import add_download_arguments
 
     p = sub.add_parser("serve", help="run the voice agent server (page at /, WebSocket at /ws)")
     ServerConfig.add_arguments(p)

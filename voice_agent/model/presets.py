@@ -30,10 +30,10 @@ from torch import nn
 from voice_agent.model import tiny
 from voice_agent.model.adapter import SpeechProjector
 from voice_agent.model.config import OmniConfig, Qwen2Dims
-from voice_agent.model.cosy2 import Cosy2Decoder
+from voice_agent.model.cosy2.decoder import Cosy2Decoder
+from voice_agent.model.cosy2.flow import Flow, FlowConfig
+from voice_agent.model.cosy2.hift import HiFT, HiFTConfig, random_hift
 from voice_agent.model.encoder import WhisperEncoder
-from voice_agent.model.flow import Flow, FlowConfig
-from voice_agent.model.hift import HiFT, HiFTConfig, random_hift
 from voice_agent.model.qwen2 import Qwen2ForCausalLM
 from voice_agent.model.sampling import GenerationSettings
 from voice_agent.model.speech_lm import SpeechLM

@@ -6,7 +6,7 @@
                                [generation_config.json], vocab.json, merges.txt, tokenizer_config.json,
                                added_tokens.json, special_tokens_map.json, tts_tokenizer/ (same file kinds)
     DIR/speech_encoder/large-v3.pt   openai-whisper format {"dims": ..., "model_state_dict": ...}
-    DIR/cosy2_decoder/         flow.pt, hift.pt, cosyvoice.yaml, voices/ (voice_agent.model.cosy2)
+    DIR/cosy2_decoder/         flow.pt, hift.pt, cosyvoice.yaml, voices/ (voice_agent.model.cosy2.decoder)
 
 so tests run the same loading code as the official files. Every key of the official state dict is present
 at tiny shapes (`omni_shapes`, the one key/shape table, derived from the dims). Values: N(0, 0.02) for
@@ -395,7 +395,7 @@ def make_tiny(
     whisper_state |= {key: random_tensor(key, shape, seed).to(dtype) for key, shape in decoder_shapes.items()}
     torch.save({"dims": dict(WHISPER_DIMS), "model_state_dict": whisper_state}, str(encoder_path))
 
-    from voice_agent.model.cosy2 import write_tiny_cosy2_decoder  # flow + HiFT + voices (model core II)
+    from voice_agent.model.cosy2.decoder import write_tiny_cosy2_decoder  # flow + HiFT + voices (model core II)
 
     cosy2_dir = write_tiny_cosy2_decoder(root / COSY2_DIR, seed)
     return TinyPaths(root, model_dir, model_dir / TTS_TOKENIZER_DIR, encoder_path, cosy2_dir)

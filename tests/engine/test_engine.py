@@ -1,0 +1,414 @@
+"""Engine: batched == sequential, multi-turn KV reuse == re-running the conversation, cancellation,
+history cuts, the context policy in use, admission, the asyncio API, and the server's build_engine."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from voice_agent import __version__
+from voice_agent.engine.api import (
+    AdmissionError,
+    AudioChunk,
+    ResponseDone,
+    TextDelta,
+    TurnError,
+    TurnRejected,
+    TurnSettings,
+    UnitBlock,
+)
+from voice_agent.engine.files import demo_cache_dir
+from voice_agent.engine.reply import ForcedLength, Reply
+from voice_agent.engine.thread import Engine, EngineConfig, Models, build_engine
+from voice_agent.engine.worker import ModelWorker
+from voice_agent.model.cosy2.decoder import Cosy2Decoder
+from voice_agent.model.speech_lm import SpeechLM
+from voice_agent.model.tiny import make_tiny
+
+SHORT = ForcedLength(text_tokens=6, final_units=12)  # 2 reads: a 10-unit block, then 12 final units
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint set, written where build_engine looks for its demo model."""
+    cache = tmp_path_factory.mktemp("cache")
+    root = cache / f"demo-tiny-v{__version__}-seed0"
+    make_tiny(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(tiny_root: Path) -> Models:
+    torch.manual_seed(0)
+    lm = SpeechLM.load(tiny_root / "LLaMA-Omni2-tiny")
+    return Models(lm, Cosy2Decoder.load(tiny_root / "cosy2_decoder"))
+
+
+def speech(seed: int, seconds: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    return (0.2 * np.sin(2 * np.pi * (120 + 40 * seed) * t) + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@dataclass
+class Capture:
+    events: list[Any] = field(default_factory=list)
+    reply: Reply | None = None
+
+    @property
+    def done(self) -> Any:
+        return self.events[-1] if self.events and isinstance(self.events[-1], (ResponseDone, TurnError)) else None
+
+    def units(self) -> list[int]:
+        return [u for e in self.events if isinstance(e, UnitBlock) for u in e.units]
+
+    def audio(self) -> np.ndarray:
+        return np.concatenate([e.pcm for e in self.events if isinstance(e, AudioChunk)] or [np.zeros(0, np.float32)])
+
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, TextDelta))
+
+
+def make_worker(models: Models, **overrides: Any) -> ModelWorker:
+    config = EngineConfig(**{"max_sessions": 4, "final_units": 64, **overrides})
+    worker = ModelWorker(models, config)
+    worker.allocate(config.max_sessions)
+    return worker
+
+
+def submit(worker: ModelWorker, sid: str, audio: np.ndarray, seed: int, temperature: float = 0.8,
+           forced: ForcedLength | None = SHORT) -> Capture:
+    from voice_agent.engine.api import TurnTimings
+
+    cap = Capture()
+    worker.submit(sid, TurnSettings(temperature=temperature, seed=seed), audio, TurnTimings(0.0), forced,
+                  cap.events.append)
+    return cap
+
+
+def run(worker: ModelWorker, caps: dict[str, Capture], max_steps: int = 500) -> None:
+    """Step until idle, keeping a reference to each session's Reply."""
+    for _ in range(max_steps):
+        if not worker.busy:
+            return
+        worker.step()
+        for sid, cap in caps.items():
+            turn = worker.sessions[sid].turn
+            if cap.reply is None and turn is not None and turn.reply is not None:
+                cap.reply = turn.reply
+    raise AssertionError("the worker did not finish")
+
+
+def test_batched_turns_equal_the_same_turns_run_one_by_one(models: Models) -> None:
+    jobs = [("a", speech(1), 11, 0.8), ("b", speech(2, 1.5), 12, 0.0), ("c", speech(3, 0.7), 13, 1.2)]
+    batched = make_worker(models)
+    caps = {}
+    for slot, (sid, audio, seed, temp) in enumerate(jobs):
+        batched.open(sid, slot, None)
+        caps[sid] = submit(batched, sid, audio, seed, temp)
+    run(batched, caps)
+    assert batched.stats.admitted == 3 and batched.stats.tts_rows > batched.stats.tts_calls  # really batched
+    for slot, (sid, audio, seed, temp) in enumerate(jobs):
+        alone = make_worker(models)
+        alone.open(sid, slot, None)
+        cap = submit(alone, sid, audio, seed, temp)
+        run(alone, {sid: cap})
+        got = caps[sid]
+        assert isinstance(got.done, ResponseDone) and isinstance(cap.done, ResponseDone)
+        assert got.reply is not None and cap.reply is not None
+        assert got.reply.text_ids == cap.reply.text_ids and got.text() == cap.text() == got.done.text
+        assert got.units() == cap.units() and len(got.units()) == 22
+        a, b = got.audio(), cap.audio()
+        assert len(a) == len(b) > 0
+        # Equal up to fp32 rounding, which the NSF source amplifies: its phase integrates f0 (hundreds of Hz
+        # from the tiny random HiFT) over every sample, so the waveforms agree closely but not bit for bit.
+        rel = float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b**2)))
+        print(f"session {sid}: relative rms difference batched vs alone {rel:.2e}")
+        assert rel < 0.05 and got.done.audio_ms == pytest.approx(len(got.audio()) / 24.0)
+
+
+def test_flow_cache_gives_the_recompute_audio_and_counts_toward_admission(models: Models) -> None:
+    from voice_agent.engine.flow_cache import FlowCache
+    from voice_agent.engine.flow_stream import max_cached_frames
+
+    caps = {}
+    for cached in (True, False):
+        worker = make_worker(models, flow_cache=cached)
+        worker.open("a", 0, None)
+        caps[cached] = submit(worker, "a", speech(4), 21, forced=ForcedLength(text_tokens=30, final_units=12))
+        run(worker, {"a": caps[cached]})
+    on, off = caps[True], caps[False]
+    assert on.units() == off.units() and len(on.units()) > 100  # a reply crossing the 50-unit chunk twice
+    a, b = on.audio(), off.audio()
+    assert len(a) == len(b) > 0
+    rel = float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b**2)))
+    print(f"relative rms difference cached vs recomputed flow {rel:.2e}")
+    assert rel < 0.05  # see the batched test
+    flow = models.decoder.flow
+    worker_on, worker_off = make_worker(models), make_worker(models, flow_cache=False)
+    reply_units = 10 * (512 // 3 + 1) + 64  # max_reply_tokens 512, final_units 64
+    extra = FlowCache.bytes_for(flow.cfg, max_cached_frames(flow.cfg, 100, reply_units), flow.dtype)
+    assert worker_on.bytes_per_session - worker_off.bytes_per_session == extra > 0
+
+
+def test_multi_turn_kv_reuse_equals_rerunning_the_whole_conversation(models: Models) -> None:
+    def two_turns(drop_kv: bool) -> tuple[Capture, int, int]:
+        worker = make_worker(models)
+        worker.open("s", 0, None)
+        first = submit(worker, "s", speech(4), 21, temperature=0.0)
+        run(worker, {"s": first})
+        conv = worker.sessions["s"].conversation
+        assert conv is not None
+        if drop_kv:
+            conv.drop_kv()  # the next prefill recomputes the whole conversation from position 0
+        before = worker.stats.prefill_tokens
+        second = submit(worker, "s", speech(5), 22, temperature=0.0)
+        run(worker, {"s": second})
+        return second, worker.stats.prefill_tokens - before, conv.length
+
+    reused, reused_prefill, length = two_turns(drop_kv=False)
+    rerun, rerun_prefill, _ = two_turns(drop_kv=True)
+    assert reused_prefill < rerun_prefill < length  # only the new positions were prefilled
+    assert reused.reply is not None and rerun.reply is not None
+    assert reused.reply.text_ids == rerun.reply.text_ids and reused.units() == rerun.units()
+    torch.testing.assert_close(torch.stack(reused.reply.hiddens), torch.stack(rerun.reply.hiddens),
+                               atol=1e-5, rtol=1e-4)
+    # The history matters: the same second turn in a fresh session gives different states.
+    fresh = make_worker(models)
+    fresh.open("s", 0, None)
+    alone = submit(fresh, "s", speech(5), 22, temperature=0.0)
+    run(fresh, {"s": alone})
+    assert alone.reply is not None
+    assert not torch.allclose(alone.reply.hiddens[0], reused.reply.hiddens[0], atol=1e-4)
+
+
+def test_cancel_mid_block_frees_everything_and_cuts_history_to_what_was_heard(models: Models) -> None:
+    worker = make_worker(models)
+    worker.open("s", 0, None)
+    cap = submit(worker, "s", speech(6), 31, forced=ForcedLength(12, 40))
+    turn = worker.sessions["s"].turn
+    assert turn is not None
+    for _ in range(200):  # run into the second block: one chunk vocoded, a few units of the next written
+        worker.step()
+        assert turn.reply is not None
+        blocks = turn.reply.schedule.unit_blocks
+        if len(blocks) == 2 and 0 < len(blocks[1]) < 10 and turn.audio_ms > 0:
+            break
+    reply, conv = turn.reply, worker.sessions["s"].conversation
+    assert conv is not None and reply is not None and reply.wants_tts
+    worker.cancel("s", played_ms=200.0)  # 5 units of the first block: floor(3 * 5 / 10) = 1 token heard
+    done = cap.done
+    assert isinstance(done, ResponseDone) and done.reason == "cancelled"
+    assert not worker.busy and worker.turns == {} and worker.sessions["s"].turn is None
+    assert turn.reply is None and turn.vocoder is None and not turn.chunks  # nothing of the turn is kept
+    assert conv.exchanges[-1].reply == reply.text_ids[:1]
+    assert done.text == models.lm.tok.decode(reply.text_ids[:1])
+    assert conv.kv_len == conv.length  # the heard token was fed: the KV matches the cut history
+    n_events = len(cap.events)
+    worker.step()
+    assert len(cap.events) == n_events  # nothing arrives after the end
+    # The session goes on: the next turn prefills from the cut point.
+    before = worker.stats.prefill_tokens
+    nxt = submit(worker, "s", speech(7), 32)
+    run(worker, {"s": nxt})
+    assert isinstance(nxt.done, ResponseDone) and nxt.done.reason == "max_tokens"
+    assert worker.stats.prefill_tokens - before < conv.length
+
+
+def test_cancel_after_the_reply_ended_still_cuts_it(models: Models) -> None:
+    worker = make_worker(models)
+    worker.open("s", 0, None)
+    cap = submit(worker, "s", speech(8), 41)
+    run(worker, {"s": cap})
+    conv = worker.sessions["s"].conversation
+    assert conv is not None and len(conv.exchanges[-1].reply) == 6
+    n_events = len(cap.events)
+    worker.cancel("s", played_ms=400.0)  # the first block (3 tokens) heard
+    assert conv.exchanges[-1].reply == cap.reply.text_ids[:3]  # type: ignore[union-attr]
+    assert conv.kv_len == conv.length
+    assert len(cap.events) == n_events  # a late cut sends nothing
+
+
+def test_context_budget_drops_the_oldest_turns_and_the_session_goes_on(models: Models) -> None:
+    worker = make_worker(models, context_tokens=700)  # a padded turn takes 300 speech positions
+    worker.open("s", 0, None)
+    conv = worker.sessions["s"].conversation
+    assert conv is not None
+    head, trimmed_turns = len(conv.fmt.head), 0
+    for i in range(4):
+        before, dropped = worker.stats.prefill_tokens, conv.dropped
+        cap = submit(worker, "s", speech(10 + i), 50 + i, forced=ForcedLength(3, 5))
+        run(worker, {"s": cap})
+        assert isinstance(cap.done, ResponseDone), cap.done
+        assert conv.length <= 700
+        prefilled = worker.stats.prefill_tokens - before
+        if conv.dropped > dropped:  # the kept history is re-prefilled once, after the system block
+            trimmed_turns += 1
+            assert prefilled == conv.reply_start - head
+        else:
+            assert prefilled < conv.reply_start - head or i == 0
+    assert trimmed_turns >= 1 and len(conv.exchanges) < 4
+
+
+def test_a_turn_too_long_for_the_context_fails_alone(models: Models) -> None:
+    worker = make_worker(models, context_tokens=200)
+    worker.open("s", 0, None)
+    cap = submit(worker, "s", speech(1), 1)
+    run(worker, {"s": cap})
+    assert isinstance(cap.done, TurnError) and cap.done.code == "context_overflow"
+    assert worker.sessions["s"].conversation.exchanges == []  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------------- asyncio API
+async def collect(stream: Any) -> list[Any]:
+    return [event async for event in stream]
+
+
+async def started(models: Models, **overrides: Any) -> Engine:
+    engine = Engine.from_models(models, EngineConfig(**{"final_units": 64, **overrides}))
+    await engine.start()
+    await asyncio.get_running_loop().run_in_executor(None, engine.wait_ready, 60.0)
+    return engine
+
+
+async def test_a_turn_streams_text_units_audio_then_done_with_timings(models: Models) -> None:
+    engine = await started(models)
+    try:
+        session = engine.open_session()
+        events = await collect(session.submit_turn(speech(1), TurnSettings(seed=3, temperature=0.5), forced=SHORT))
+        kinds = [e.kind for e in events]
+        assert kinds[-1] == "response_done" and kinds.count("response_done") == 1
+        assert kinds.index("text_delta") < kinds.index("unit_block") < kinds.index("audio_chunk")
+        chunks = [e for e in events if isinstance(e, AudioChunk)]
+        for a, b in zip(chunks[:-1], chunks[1:], strict=True):
+            assert b.start_ms == pytest.approx(a.start_ms + a.duration_ms)
+        done = events[-1]
+        assert done.audio_ms == pytest.approx(sum(c.duration_ms for c in chunks))
+        t = done.timings
+        marks = [t.speech_end, t.submitted, t.encoder_done, t.first_text, t.first_units, t.first_audio, t.done]
+        assert all(m is not None for m in marks) and marks == sorted(marks)
+        assert engine.stats()["turns"] == 1 and engine.stats()["first_audio_ms_p50"] is not None
+        await session.close()
+    finally:
+        await engine.aclose()
+
+
+async def test_cancel_ends_the_stream_within_one_step(models: Models) -> None:
+    engine = await started(models)
+    try:
+        session = engine.open_session()
+        stream = session.submit_turn(speech(2), TurnSettings(seed=4), forced=ForcedLength(30, 60))
+        after: list[Any] = []
+        async for event in stream:
+            if after or isinstance(event, AudioChunk):
+                if not after:
+                    steps = engine.worker.stats.steps
+                    session.cancel(played_ms=0.0)
+                after.append(event)
+        done = after[-1]
+        assert isinstance(done, ResponseDone) and done.reason == "cancelled" and done.text == ""
+        assert engine.worker.stats.steps - steps <= 2  # the step in flight, then the cancel
+        assert engine.worker.turns == {}
+        again = await collect(session.submit_turn(speech(3), TurnSettings(seed=5), forced=ForcedLength(3, 5)))
+        assert isinstance(again[-1], ResponseDone) and again[-1].reason == "max_tokens"
+        await session.close()
+    finally:
+        await engine.aclose()
+
+
+async def test_admission_and_turn_refusals(models: Models) -> None:
+    engine = Engine.from_models(models, EngineConfig(max_sessions=2, final_units=64))
+    with pytest.raises(AdmissionError, match="not ready"):
+        engine.open_session()
+    await engine.start()
+    await asyncio.get_running_loop().run_in_executor(None, engine.wait_ready, 60.0)
+    try:
+        a, b = engine.open_session(), engine.open_session()
+        with pytest.raises(AdmissionError, match=r"2 of 2 sessions in use \(max_sessions 2\)"):
+            engine.open_session()
+        await b.close()
+        c = engine.open_session()  # the slot came back
+        stream = a.submit_turn(speech(1), TurnSettings(seed=1), forced=ForcedLength(3, 5))
+        with pytest.raises(TurnRejected, match="already running"):
+            a.submit_turn(speech(1), TurnSettings())
+        with pytest.raises(TurnRejected, match="1-D float"):
+            c.submit_turn(np.zeros((2, 100), np.float32), TurnSettings())
+        with pytest.raises(TurnRejected, match="samples"):
+            c.submit_turn(np.zeros(0, np.float32), TurnSettings())
+        with pytest.raises(TurnRejected, match="voice"):
+            c.submit_turn(speech(1), TurnSettings(voice="nobody"))
+        with pytest.raises(TurnRejected, match="max_new_tokens"):
+            c.submit_turn(speech(1), TurnSettings(max_new_tokens=4000))
+        assert isinstance((await collect(stream))[-1], ResponseDone)
+        await a.close()
+        await c.close()
+        assert engine.stats()["sessions"] == 0
+    finally:
+        await engine.aclose()
+
+
+async def test_unpadded_encoder_input_reaches_the_model(tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from voice_agent.serve.config import ServerConfig
+
+    monkeypatch.setenv("VOICE_AGENT_CACHE", str(tiny_root.parent))
+    engine = build_engine(ServerConfig(encoder_input="unpadded", max_sessions=1))
+    await engine.start()
+    await asyncio.get_running_loop().run_in_executor(None, engine.wait_ready, 60.0)
+    try:
+        assert engine.worker.lm.unpadded
+    finally:
+        await engine.aclose()
+
+
+async def test_build_engine_serves_the_demo_model_when_no_weights_exist(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voice_agent.serve.config import ServerConfig
+
+    monkeypatch.setenv("VOICE_AGENT_CACHE", str(tiny_root.parent))
+    monkeypatch.chdir(tmp_path)  # no models/ here
+    assert demo_cache_dir() == tiny_root
+    engine = build_engine(ServerConfig(max_sessions=1))
+    assert engine.info.demo and engine.info.model_name == "LLaMA-Omni2-tiny" and "en" in engine.info.voices
+    assert not engine.ready
+    await engine.start()
+    await asyncio.get_running_loop().run_in_executor(None, engine.wait_ready, 60.0)
+    try:
+        session = engine.open_session()
+        events: list[Any] = []
+        async for event in session.submit_turn(speech(1), TurnSettings(seed=1, max_new_tokens=2)):
+            if isinstance(event, AudioChunk) and not any(isinstance(e, AudioChunk) for e in events):
+                session.cancel()  # the reference's final block may run to 1024 units: stop at first audio
+            events.append(event)
+        assert isinstance(events[-1], ResponseDone) and events[-1].reason == "cancelled"
+        await session.close()
+    finally:
+        await engine.aclose()
+
+
+def test_server_options_reach_the_engine(tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from voice_agent.serve.config import ConfigError, ServerConfig
+
+    monkeypatch.setenv("VOICE_AGENT_CACHE", str(tiny_root.parent))
+    engine = build_engine(ServerConfig(context_tokens=1024, kv_budget_mb=64, flow_context_units=0, max_sessions=3,
+                                       flow_cache="off"))
+    assert engine.config.context_tokens == 1024
+    assert engine.config.flow_cache is False
+    assert engine.config.kv_budget_bytes == 64 * 2**20
+    assert engine.config.flow_context_units is None  # 0: the reference's full recompute
+    assert engine.config.max_sessions == 3
+    defaults = build_engine(ServerConfig()).config
+    assert (defaults.context_tokens, defaults.kv_budget_bytes, defaults.flow_context_units) == (None, None, 100)
+    assert defaults.flow_cache is True
+    with pytest.raises(ConfigError, match="flow-cache"):
+        ServerConfig(flow_cache="yes")
+    with pytest.raises(ConfigError, match="context-tokens"):
+        ServerConfig(context_tokens=100)
+    with pytest.raises(ConfigError, match="encoder-input"):
+        ServerConfig(encoder_input="short")

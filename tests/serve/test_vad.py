@@ -1,0 +1,169 @@
+"""Turn detection: start threshold, end of turn within one frame of the silence limit, padding, chunking.
+
+"Speech" here is a 440 Hz tone (fakes.tone), which webrtcvad flags as speech in every mode (and digital
+silence never); rule tests use FakeEnergyClassifier so the expected frame indices are exact.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fakes import FakeEnergyClassifier, silence, tone
+
+from voice_agent.serve.vad import (
+    SAMPLE_RATE_HZ,
+    TurnDetector,
+    VadSettings,
+    VadSettingsError,
+    VadSpeechStarted,
+    VadSpeechStopped,
+    VadState,
+    VadUnavailable,
+    make_classifier,
+)
+
+
+def fake_detector(**kw: object) -> TurnDetector:
+    settings = VadSettings(**kw)  # type: ignore[arg-type]
+    return TurnDetector(settings, FakeEnergyClassifier(settings.frame_ms))
+
+
+def run(det: TurnDetector, audio: np.ndarray, chunk: int = 320) -> list:
+    events = []
+    for i in range(0, len(audio), chunk):
+        events += det.feed(audio[i : i + chunk])
+    return events
+
+
+@pytest.mark.parametrize("frame_ms", [10, 20, 30])
+@pytest.mark.parametrize("silence_ms", [200, 500, 730])
+def test_end_of_turn_is_within_one_frame_of_the_silence_limit_webrtc(frame_ms: int, silence_ms: int) -> None:
+    det = TurnDetector(VadSettings(frame_ms=frame_ms, silence_ms=silence_ms, speech_start_ms=60))
+    events = run(det, np.concatenate([silence(300), tone(800), silence(silence_ms + 400)]))
+    starts = [e for e in events if isinstance(e, VadSpeechStarted)]
+    stops = [e for e in events if isinstance(e, VadSpeechStopped)]
+    assert len(starts) == 1 and len(stops) == 1, events
+    stop = stops[0]
+    assert silence_ms <= stop.end_of_turn_ms < silence_ms + frame_ms
+    assert abs(starts[0].at_ms - 300) <= frame_ms
+    # webrtcvad keeps calling a few frames "speech" after the tone stops; never more than 200 ms.
+    assert 1100 - frame_ms <= stop.at_ms <= 1100 + 200
+
+
+@pytest.mark.parametrize("silence_ms", [100, 500, 1000])
+def test_end_of_turn_exact_frame_with_fake_classifier(silence_ms: int) -> None:
+    det = fake_detector(frame_ms=20, silence_ms=silence_ms, speech_start_ms=100, prefix_padding_ms=0)
+    events = run(det, np.concatenate([silence(200), tone(600), silence(2000)]))
+    stop = next(e for e in events if isinstance(e, VadSpeechStopped))
+    assert stop.at_ms == 800.0
+    assert stop.detected_ms == 800.0 + silence_ms  # 20 ms frames divide every limit here
+    assert stop.reason == "silence"
+
+
+def test_speech_shorter_than_start_threshold_is_ignored() -> None:
+    det = fake_detector(speech_start_ms=200)
+    assert run(det, np.concatenate([silence(100), tone(180), silence(1000)])) == []
+    assert det.state is VadState.SILENCE
+
+
+def test_speech_start_is_dated_to_first_voiced_frame() -> None:
+    det = fake_detector(speech_start_ms=200)
+    events = run(det, np.concatenate([silence(100), tone(400)]))
+    assert events == [VadSpeechStarted(at_ms=100.0)]
+    assert det.state is VadState.SPEECH
+    assert det.voiced_ms == 400.0
+
+
+def test_turn_audio_has_prefix_padding_and_trimmed_trailing_silence() -> None:
+    det = fake_detector(speech_start_ms=100, prefix_padding_ms=300, silence_ms=500)
+    events = run(det, np.concatenate([silence(1000), tone(700), silence(800)]))
+    stop = next(e for e in events if isinstance(e, VadSpeechStopped))
+    # 300 ms before speech + 700 ms speech + 300 ms of trailing pad (symmetric with the prefix)
+    assert len(stop.audio) == int(1.3 * SAMPLE_RATE_HZ)
+    assert np.abs(stop.audio[: 300 * 16]).max() == 0.0
+    assert np.abs(stop.audio[300 * 16 : 1000 * 16]).min() >= 0.0 and np.abs(stop.audio[310 * 16]) > 0
+
+
+def test_events_do_not_depend_on_chunking() -> None:
+    audio = np.concatenate([silence(250), tone(500), silence(300), tone(300), silence(900)])
+    reference = run(TurnDetector(VadSettings()), audio, chunk=320)
+    rng = np.random.default_rng(0)
+    det = TurnDetector(VadSettings())
+    events, i = [], 0
+    while i < len(audio):
+        n = int(rng.integers(1, 2000))
+        events += det.feed(audio[i : i + n])
+        i += n
+    assert [type(e) for e in events] == [type(e) for e in reference]
+    for a, b in zip(events, reference, strict=True):
+        assert a.at_ms == b.at_ms
+        if isinstance(a, VadSpeechStopped):
+            np.testing.assert_array_equal(a.audio, b.audio)
+
+
+def test_short_pause_inside_speech_does_not_end_turn() -> None:
+    det = fake_detector(silence_ms=500)
+    events = run(det, np.concatenate([tone(400), silence(300), tone(400), silence(600)]))
+    stops = [e for e in events if isinstance(e, VadSpeechStopped)]
+    assert len(stops) == 1 and stops[0].at_ms == 1100.0
+
+
+def test_max_turn_length_cuts_the_turn() -> None:
+    det = fake_detector(max_turn_ms=1000, prefix_padding_ms=0, speech_start_ms=100)
+    events = run(det, tone(2500))
+    stops = [e for e in events if isinstance(e, VadSpeechStopped)]
+    assert stops[0].reason == "max_length"
+    assert len(stops[0].audio) == SAMPLE_RATE_HZ
+    assert det.state is VadState.SPEECH  # the speech goes on: a new turn started after the cut
+
+
+def test_feed_rejects_multichannel_audio() -> None:
+    with pytest.raises(ValueError, match=r"expected mono audio of shape \(T,\), got shape \(2, 10\)"):
+        TurnDetector(VadSettings()).feed(np.zeros((2, 10), np.float32))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"frame_ms": 25}, r"frame_ms: expected one of \(10, 20, 30\), got 25"),
+        ({"aggressiveness": 4}, r"aggressiveness: expected an integer 0..3, got 4"),
+        ({"silence_ms": 10}, r"silence_ms: expected an integer 50..10000, got 10"),
+        ({"silence_ms": 500.5}, r"silence_ms: expected an integer 50..10000, got 500.5"),
+        ({"kind": "energy"}, r"kind: expected 'webrtc' or 'silero', got 'energy'"),
+        ({"prefix_padding_ms": True}, r"prefix_padding_ms: expected an integer 0..2000, got True"),
+    ],
+)
+def test_bad_settings_raise_typed_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(VadSettingsError, match=message):
+        VadSettings(**kwargs)
+
+
+def test_silero_without_package_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "silero_vad", None)  # as if not installed
+    with pytest.raises(VadUnavailable, match="pip install silero-vad"):
+        make_classifier(VadSettings(kind="silero"))
+
+
+def test_silero_ignores_white_noise_that_webrtcvad_calls_speech() -> None:
+    pytest.importorskip("silero_vad")
+    settings = VadSettings(kind="silero", speech_start_ms=64, silence_ms=300)
+    noise = np.random.default_rng(0).normal(0, 0.1, SAMPLE_RATE_HZ).astype(np.float32)
+    assert run(TurnDetector(settings), noise) == []
+    assert [type(e) for e in run(TurnDetector(VadSettings(speech_start_ms=60)), noise)] == [VadSpeechStarted]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt)")
+def test_silero_finds_real_speech_and_its_end(tmp_path) -> None:
+    pytest.importorskip("silero_vad")
+    from voice_agent.audio import load_audio
+
+    wav = tmp_path / "s.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), "Hello there, how are you doing today?"], check=True)
+    speech = load_audio(str(wav))
+    audio = np.concatenate([np.zeros(SAMPLE_RATE_HZ // 2, np.float32), speech, np.zeros(SAMPLE_RATE_HZ, np.float32)])
+    events = run(TurnDetector(VadSettings(kind="silero", speech_start_ms=64, silence_ms=500)), audio)
+    assert [type(e) for e in events][:1] == [VadSpeechStarted] and type(events[-1]).__name__ == "VadSpeechStopped"

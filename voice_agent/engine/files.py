@@ -1,0 +1,90 @@
+"""Which model files the server runs: `--model-dir`, else the first model in models/, else the embedded
+tiny random-weight demo model, written once into a cache directory by `make_tiny` (official layout)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from voice_agent import __version__
+from voice_agent.errors import CheckpointError, VoiceAgentError
+
+log = logging.getLogger(__name__)
+
+MODELS_DIR = "models"  # where `voice-agent download` puts the weights, relative to the working directory
+DEMO_SEED = 0
+
+
+def demo_cache_dir() -> Path:
+    """Where the embedded tiny demo model is written ($VOICE_AGENT_CACHE, else the user cache directory)."""
+    root = os.environ.get("VOICE_AGENT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "voice-agent"
+    )
+    return Path(root) / f"demo-tiny-v{__version__}-seed{DEMO_SEED}"
+
+
+def ensure_demo_model(root: Path | None = None) -> Path:
+    """Write the tiny random-weight checkpoint set once (atomically) and return its directory."""
+    from voice_agent.model.tiny import make_tiny
+
+    root = root or demo_cache_dir()
+    if (root / "LLaMA-Omni2-tiny" / "config.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+    make_tiny(tmp, seed=DEMO_SEED)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    model_dir: Path
+    vocoder_dir: Path | None
+    whisper: Path | None
+    demo: bool
+
+
+def resolve_model_paths(model_dir: str | None, vocoder_dir: str | None, whisper: str | None,
+                        models_dir: Path = Path(MODELS_DIR)) -> ModelPaths:
+    """The model to serve: `model_dir`, else the first LLaMA-Omni2 directory in models/, else the demo."""
+    demo = False
+    if model_dir is not None:
+        chosen = Path(model_dir)
+        if not (chosen / "config.json").is_file():
+            raise CheckpointError(f"--model-dir {chosen}: expected a LLaMA-Omni2 directory with config.json")
+    else:
+        found = sorted(d for d in models_dir.glob("*") if d.is_dir() and (d / "config.json").is_file()) \
+            if models_dir.is_dir() else []
+        if found:
+            chosen = found[0]
+            if len(found) > 1:
+                log.info("engine: several models in %s, serving %s", models_dir, chosen.name)
+        else:
+            root = ensure_demo_model()
+            chosen, demo = root / "LLaMA-Omni2-tiny", True
+            vocoder_dir = vocoder_dir or str(root / "cosy2_decoder")
+    if vocoder_dir is None:
+        for candidate in (models_dir / "cosy2_decoder", chosen.parent / "cosy2_decoder"):
+            if (candidate / "flow.pt").is_file():
+                vocoder_dir = str(candidate)
+                break
+    return ModelPaths(chosen, Path(vocoder_dir) if vocoder_dir else None, Path(whisper) if whisper else None, demo)
+
+
+def directory_voices(directory: Path | None) -> list[str]:
+    if directory is None:
+        return []
+    from voice_agent.model.cosy2.voice import available_voices
+
+    try:
+        return available_voices(directory)
+    except (OSError, VoiceAgentError):
+        return []

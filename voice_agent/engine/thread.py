@@ -1,0 +1,468 @@
+"""The engine: one owner of the model serving every session with step-level batching.
+
+One thread (the model thread) owns the model, the KV caches and every session's model-side state; nothing
+else touches them. It also loads the model: on a CPU, torch ops run from a second thread make OpenMP
+throttle its spinning, and batch-1 steps then run about 3x slower (measured), so keep other torch work
+(a torch VAD, say) out of the process's other threads or give them one thread. Sessions live on the
+asyncio side (`LocalSession`, the `EngineSession` of events.py): their calls only post commands to the
+model thread and never block the loop, and each turn's events come back through
+`loop.call_soon_threadsafe` into that turn's queue, read as an async iterator.
+
+The model thread loops: apply the posted commands (open, submit, cancel, close), then one step,
+schedule -> run -> postprocess (scheduler.py has the policy):
+
+1. admit: the new turns' audio through mel, encoder and adapter in one batch, their new prompt positions
+   (conversation.py) prefilled in one call, which also samples each turn's first text token;
+2. text: one batched LLM decode step; 3. tts: one batched TTS LM step;
+4. postprocess: text tokens -> `TextDelta`s, units -> unit chunks (a chunk ends with its TTS block, and a
+   long final block is cut every W units so its audio streams) -> `UnitBlock`s;
+5. vocode: one flow + HiFT call (`vocode_many`) for every turn with a chunk ready -> `AudioChunk`s;
+6. a turn whose units are all vocoded ends with `ResponseDone` and its reply joins the conversation.
+
+A cancel is applied before the next step runs, so it takes effect within one step: the turn's reply is
+cut to what the listener heard (conversation.heard_tokens), its TTS slot, vocoder stream and queued
+chunks are dropped, and its stream ends with `ResponseDone(reason="cancelled")`. `cancel(played_ms)` after
+the turn has ended still cuts the last reply, until the next turn starts.
+
+KV: one LLM slot per session for its lifetime (`context_tokens` positions) and one TTS slot per session,
+reused by each reply; both caches are static and allocated when the model loads. Admission (`SlotPool`)
+refuses a session beyond `max_sessions` or beyond what `kv_budget_bytes` holds. An idle engine waits
+`admit_window_ms` after a command for others, so turns submitted together are prefilled together.
+
+Options that change numbers: `flow_context_units` (default: the bounded flow window of flow_stream;
+None recomputes the whole reply each block, as the reference) and `flow_cache` (cached completed chunks:
+equal to the recompute with a whole-reply window, closer to it than the plain bounded window otherwise);
+`final_units` caps the units written after the final read (the reference's 1024); `ForcedLength`
+(benchmarks) fixes reply lengths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from voice_agent.engine.api import (
+    INPUT_SAMPLE_RATE,
+    AdmissionError,
+    EngineEvent,
+    EngineInfo,
+    ResponseDone,
+    TurnError,
+    TurnRejected,
+    TurnSettings,
+    TurnTimings,
+)
+from voice_agent.engine.files import directory_voices, resolve_model_paths
+from voice_agent.engine.schedule import FINAL_UNIT_LIMIT
+from voice_agent.engine.scheduler import SchedulerConfig, SlotPool, slots_for_budget
+from voice_agent.model.mel import CHUNK_LENGTH
+
+log = logging.getLogger(__name__)
+
+MAX_INPUT_SECONDS = float(CHUNK_LENGTH)  # the Whisper window; longer turns are refused, never cut
+MAX_INPUT_SAMPLES = int(MAX_INPUT_SECONDS * INPUT_SAMPLE_RATE)
+RECENT_TURNS = 1024  # timings kept for metrics
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits and defaults (sizes of the static caches follow from them)."""
+
+    max_sessions: int = 4
+    context_tokens: int | None = None  # KV positions per session; None: the model's tokenizer_model_max_length
+    kv_budget_bytes: int | None = None  # LLM + TTS KV and flow cache memory for all sessions; None: no limit
+    max_new_tokens: int = 256  # a turn's default reply length (text tokens)
+    max_reply_tokens: int = 512  # the most a turn may ask for (sizes the TTS cache)
+    final_units: int = FINAL_UNIT_LIMIT  # the reference's limit on units after the final read
+    flow_context_units: int | None = 100  # bounded flow window in units (voice_agent.engine.flow_stream)
+    flow_cache: bool = True  # cache completed flow chunks (voice_agent.engine.flow_cache)
+    default_voice: str | None = None
+    context_low_water: float = 0.5  # see conversation.ContextPolicy
+    admit_window_ms: float = 2.0  # an idle engine waits this long after a command for more (batched starts)
+    warm_up: bool = True  # run one short synthetic turn after loading, before `ready`
+    threads: int | None = None  # torch CPU threads of the model thread (None: torch's default)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_new_tokens", "max_reply_tokens", "final_units"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name}: expected a positive int, got {value!r}")
+        if self.max_new_tokens > self.max_reply_tokens:
+            raise ValueError(f"EngineConfig.max_new_tokens: expected <= max_reply_tokens {self.max_reply_tokens}, "
+                             f"got {self.max_new_tokens}")
+
+
+@dataclass
+class Models:
+    """What the model thread owns: the speech LM, the units-to-audio decoder (None: units only, no audio),
+    and voices known by name besides the decoder directory's (e.g. a preset's)."""
+
+    lm: Any  # voice_agent.model.speech_lm.SpeechLM
+    decoder: Any | None = None  # voice_agent.model.cosy2.decoder.Cosy2Decoder
+    voices: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- commands to the model thread
+@dataclass(frozen=True)
+class _Open:
+    session: LocalSession
+    system_prompt: str | None
+
+
+@dataclass(frozen=True)
+class _Submit:
+    session: LocalSession
+    audio: np.ndarray
+    settings: TurnSettings
+    timings: TurnTimings
+    forced: Any | None  # voice_agent.engine.reply.ForcedLength
+    emit: Callable[[EngineEvent], None]
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    session: LocalSession
+    played_ms: float | None
+
+
+@dataclass(frozen=True)
+class _Close:
+    session: LocalSession
+    closed: Callable[[], None]
+
+
+class _Stop:
+    pass
+
+
+_TERMINAL = (ResponseDone, TurnError)
+
+
+class TurnStream:
+    """The events of one turn as an async iterator; it ends after ResponseDone or TurnError."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._ended = False
+
+    def __aiter__(self) -> TurnStream:
+        return self
+
+    async def __anext__(self) -> EngineEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if isinstance(event, _TERMINAL):
+            self._ended = True
+        return event
+
+
+class LocalSession:
+    """One conversation on an `Engine` (implements events.EngineSession)."""
+
+    def __init__(self, engine: Engine, session_id: str, slot: int):
+        self.id = session_id
+        self.slot = slot
+        self._engine = engine
+        self._running = False
+        self._closed = False
+
+    def submit_turn(self, audio: np.ndarray, settings: TurnSettings, *, speech_end: float | None = None,
+                    forced: Any | None = None) -> TurnStream:
+        """Start a turn on 16 kHz float32 mono speech. `forced` (a ForcedLength) is for benchmarks."""
+        if self._closed:
+            raise TurnRejected(f"session {self.id} is closed")
+        if self._running:
+            raise TurnRejected(f"session {self.id}: a turn is already running; cancel it or wait for its end")
+        pcm = _check_audio(audio)
+        self._engine.check_settings(settings, forced)
+        loop = asyncio.get_running_loop()
+        stream = TurnStream()
+        now = time.monotonic()
+        timings = TurnTimings(speech_end=now if speech_end is None else speech_end, submitted=now)
+
+        def deliver(event: EngineEvent) -> None:  # on the loop
+            if isinstance(event, _TERMINAL):
+                self._running = False
+            stream._queue.put_nowait(event)
+
+        def emit(event: EngineEvent) -> None:  # on the model thread
+            try:
+                loop.call_soon_threadsafe(deliver, event)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+        self._running = True
+        self._engine.post(_Submit(self, pcm, settings, timings, forced, emit))
+        return stream
+
+    def cancel(self, played_ms: float | None = None) -> None:
+        if played_ms is not None and not (isinstance(played_ms, (int, float)) and played_ms >= 0):
+            raise ValueError(f"played_ms: expected None or a number >= 0, got {played_ms!r}")
+        if not self._closed:
+            self._engine.post(_Cancel(self, played_ms))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def closed() -> None:  # on the model thread
+            loop.call_soon_threadsafe(_resolve, done)
+
+        self._engine.post(_Close(self, closed))
+        if self._engine.alive:
+            await done
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _check_audio(audio: np.ndarray) -> np.ndarray:
+    a = np.asarray(audio)
+    if a.ndim != 1 or a.dtype.kind != "f":
+        raise TurnRejected(f"audio: expected 1-D float mono PCM at {INPUT_SAMPLE_RATE} Hz, got shape {a.shape} "
+                           f"dtype {a.dtype}")
+    if not 0 < len(a) <= MAX_INPUT_SAMPLES:
+        raise TurnRejected(f"audio: expected 1..{MAX_INPUT_SAMPLES} samples (up to {MAX_INPUT_SECONDS:.0f} s), "
+                           f"got {len(a)}")
+    if not np.isfinite(a).all():
+        raise TurnRejected("audio: expected finite samples, got NaN or infinity")
+    return a.astype(np.float32, copy=True)
+
+
+class Engine:
+    """The model thread and the sessions it serves (implements events.Engine)."""
+
+    def __init__(self, load: Callable[[], Models], config: EngineConfig, info: EngineInfo):
+        self.config = config
+        self.info = info
+        self._load = load
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool: SlotPool | None = None
+        self._ids = 0
+        self._ids_lock = threading.Lock()
+        self.load_error: BaseException | None = None
+        self.worker: Any = None  # the ModelWorker, once loaded (read it only while the engine is idle)
+        self.recent: deque[TurnTimings] = deque(maxlen=RECENT_TURNS)
+
+    @classmethod
+    def from_models(cls, models: Models, config: EngineConfig | None = None, *, demo: bool = False) -> Engine:
+        """An engine over already built models (tests). On a CPU, prefer `Engine(load, ...)` so the models are
+        built in the model thread (see the module docstring)."""
+        lm = models.lm
+        directory = getattr(models.decoder, "directory", None)
+        voices = tuple(sorted(set(models.voices) | set(directory_voices(directory))))
+        info = EngineInfo(lm.name, demo, str(lm.device), str(lm.dtype).removeprefix("torch."), voices)
+        return cls(lambda: models, config or EngineConfig(), info)
+
+    # ---------------------------------------------------------------- lifecycle
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name="voice-agent-engine", daemon=True)
+            self._thread.start()
+
+    async def start(self) -> None:
+        """Start the model thread; the model loads and warms up in it (`ready` turns True when done)."""
+        self.start_thread()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the model is loaded; raises the load error if loading failed."""
+        while not self._ready.wait(0.05):
+            if self.load_error is not None:
+                raise self.load_error
+            if not self.alive:
+                raise RuntimeError("the engine thread is not running")
+            if timeout is not None:
+                timeout -= 0.05
+                if timeout <= 0:
+                    raise TimeoutError("the engine did not load in time")
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._commands.put(_Stop())
+            self._thread.join(timeout)
+
+    async def aclose(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+
+    # ---------------------------------------------------------------- sessions
+    def open_session(self, *, system_prompt: str | None = None) -> LocalSession:
+        if not self.ready or self._pool is None:
+            reason = f"failed to load: {self.load_error}" if self.load_error else "still loading the model"
+            raise AdmissionError(f"the engine is not ready ({reason})")
+        with self._ids_lock:
+            self._ids += 1
+            session_id = f"s{self._ids}"
+        slot = self._pool.acquire(session_id)
+        session = LocalSession(self, session_id, slot)
+        self.post(_Open(session, system_prompt))
+        return session
+
+    def post(self, command: Any) -> None:
+        self._commands.put(command)
+
+    def release(self, session: LocalSession) -> None:
+        if self._pool is not None:
+            self._pool.release(session.slot)
+
+    def check_settings(self, settings: TurnSettings, forced: Any | None) -> None:
+        """Refuse settings the engine cannot serve, before anything is queued."""
+        cfg = self.config
+        if settings.max_new_tokens is not None and settings.max_new_tokens > cfg.max_reply_tokens:
+            raise TurnRejected(
+                f"max_new_tokens: expected at most {cfg.max_reply_tokens}, got {settings.max_new_tokens}"
+            )
+        if settings.voice is not None and settings.voice not in self.info.voices:
+            raise TurnRejected(f"voice: expected one of {list(self.info.voices)}, got {settings.voice!r}")
+        if forced is not None and (forced.text_tokens > cfg.max_reply_tokens or forced.final_units > cfg.final_units):
+            raise TurnRejected(f"forced length {forced} exceeds the engine's max_reply_tokens {cfg.max_reply_tokens} "
+                               f"or final_units {cfg.final_units}")
+
+    def stats(self) -> dict[str, Any]:
+        """Sessions in use and first-audio latency of recent turns (ms after the end of speech)."""
+        firsts = sorted(t.first_audio - t.speech_end for t in list(self.recent) if t.first_audio is not None)
+        pick = (lambda q: round(1000.0 * firsts[min(len(firsts) - 1, int(q * len(firsts)))], 1)) if firsts else None
+        return {
+            "sessions": 0 if self._pool is None else self._pool.in_use,
+            "max_sessions": 0 if self._pool is None else self._pool.slots,
+            "turns": len(self.recent),
+            "first_audio_ms_p50": pick(0.5) if pick else None,
+            "first_audio_ms_p95": pick(0.95) if pick else None,
+        }
+
+    # ---------------------------------------------------------------- the model thread
+    def _main(self) -> None:
+        from voice_agent.engine.worker import ModelWorker
+
+        try:
+            if self.config.threads:
+                import torch
+
+                torch.set_num_threads(self.config.threads)
+            models = self._load()
+            worker = ModelWorker(models, self.config, on_done=self.recent.append)
+            slots = slots_for_budget(self.config.max_sessions, worker.bytes_per_session, self.config.kv_budget_bytes)
+            worker.allocate(slots)
+            limit = (f"max_sessions {self.config.max_sessions}" if slots == self.config.max_sessions else
+                     f"the KV budget of {(self.config.kv_budget_bytes or 0) / (1 << 30):.2f} GiB at "
+                     f"{worker.context_tokens} tokens per session")
+            self._pool = SlotPool(slots, limit)
+            log.info("engine: %d session slots, %.1f MiB of KV and flow cache per session", slots,
+                     worker.bytes_per_session / 2**20)
+            self.worker = worker
+            if self.config.warm_up:
+                error = worker.warm_up()
+                if error is not None:
+                    log.warning("engine: the warm-up turn failed (%s: %s); turns may fail the same way",
+                                error.code, error.message)
+        except BaseException as e:  # noqa: BLE001 - reported through load_error and the log
+            log.exception("engine: loading the model failed")
+            self.load_error = e
+            return
+        self._ready.set()
+        window = self.config.admit_window_ms / 1000.0
+        while True:
+            idle = not worker.busy
+            try:
+                command = self._commands.get(block=idle)
+            except queue.Empty:
+                command = None
+            deadline = time.monotonic() + window if idle else 0.0
+            while command is not None:
+                if isinstance(command, _Stop):
+                    worker.close_all()
+                    return
+                self._apply(worker, command)
+                try:  # an idle engine collects what arrives together, so those turns start in one batch
+                    wait = deadline - time.monotonic()
+                    command = self._commands.get(timeout=wait) if wait > 0 else self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            try:
+                worker.step()
+            except Exception:  # noqa: BLE001 - a failing step fails its turns, not the engine
+                log.exception("engine: step failed; failing the running turns")
+                worker.fail_all("engine_error", "the engine failed while generating this turn")
+
+    def _apply(self, worker: Any, command: Any) -> None:
+        try:
+            if isinstance(command, _Open):
+                worker.open(command.session.id, command.session.slot, command.system_prompt)
+            elif isinstance(command, _Submit):
+                seed = command.settings.seed
+                if seed is None:
+                    seed = random.SystemRandom().randrange(1 << 31)
+                settings = replace(command.settings, seed=seed)
+                worker.submit(command.session.id, settings, command.audio, command.timings, command.forced,
+                              command.emit)
+            elif isinstance(command, _Cancel):
+                worker.cancel(command.session.id, command.played_ms)
+            elif isinstance(command, _Close):
+                worker.close(command.session.id)
+                self.release(command.session)
+                command.closed()
+        except Exception as e:  # noqa: BLE001 - a bad command fails only its own turn
+            log.exception("engine: command %s failed", type(command).__name__)
+            if isinstance(command, _Submit):
+                command.emit(TurnError(getattr(e, "code", "engine_error"), str(e)))
+
+
+# ---------------------------------------------------------------- building the server's engine
+def build_engine(config: Any) -> Engine:
+    """The server's engine from a `ServerConfig` (model_dir, vocoder_dir, whisper, device, dtype,
+    max_sessions, voice). Nothing loads here: `start()` starts the model thread, which loads the model."""
+    import torch
+
+    paths = resolve_model_paths(config.model_dir, config.vocoder_dir, config.whisper)
+    dtype = getattr(torch, config.dtype)
+
+    def load() -> Models:
+        from voice_agent.model.cosy2.decoder import Cosy2Decoder
+        from voice_agent.model.speech_lm import SpeechLM
+
+        lm = SpeechLM.load(paths.model_dir, whisper_path=paths.whisper, device=config.device, dtype=dtype,
+                           unpadded=config.encoder_input == "unpadded")
+        decoder = Cosy2Decoder.load(paths.vocoder_dir, config.device) if paths.vocoder_dir else None
+        return Models(lm, decoder)
+
+    if paths.vocoder_dir is None:
+        log.warning("engine: no cosy2_decoder directory found; replies will have text and units but no audio")
+    voices = tuple(directory_voices(paths.vocoder_dir))
+    info = EngineInfo(paths.model_dir.name, paths.demo, config.device, config.dtype, voices)
+    engine_config = EngineConfig(
+        max_sessions=config.max_sessions,
+        default_voice=config.voice,
+        context_tokens=config.context_tokens or None,
+        kv_budget_bytes=config.kv_budget_mb * 2**20 or None,
+        flow_context_units=config.flow_context_units or None,
+        flow_cache=config.flow_cache == "on",
+    )
+    return Engine(load, engine_config, info)
+
+

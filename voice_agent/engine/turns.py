@@ -1,0 +1,93 @@
+"""What the model thread keeps per session and per turn in flight (runner.py drives them).
+
+`SessionRun`: a session's KV slot, its conversation and the last reply's cut points (`Heard`, for a cut that
+comes after the reply ended). `TurnRun`: one turn from submission to its last event: the reply being
+generated, the vocoder stream, unit chunks waiting for the vocoder and the audio sent so far.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from voice_agent.engine.api import OUTPUT_SAMPLE_RATE, EngineEvent, TurnSettings, TurnTimings
+from voice_agent.engine.conversation import Conversation
+from voice_agent.engine.reply import ForcedLength, Reply
+from voice_agent.engine.scheduler import TurnPhase
+
+SAMPLES_PER_MS = OUTPUT_SAMPLE_RATE / 1000.0
+
+
+@dataclass
+class StepStats:
+    """Counters for benchmarks: steps run and rows per batched call."""
+
+    steps: int = 0
+    admitted: int = 0
+    prefill_tokens: int = 0
+    text_rows: int = 0
+    text_calls: int = 0
+    tts_rows: int = 0
+    tts_calls: int = 0
+    vocode_rows: int = 0
+    vocode_calls: int = 0
+
+
+@dataclass
+class Heard:
+    """What a finished reply needs for a late cut: its reads and units per block."""
+
+    reads: list[tuple[int, int]]
+    blocks: list[int]
+    text_tokens: int
+
+
+@dataclass(eq=False)
+class SessionRun:
+    id: str
+    slot: int
+    conversation: Conversation | None  # None when the session's prompt could not be built
+    broken: str = ""
+    turn: TurnRun | None = None
+    last: Heard | None = None
+
+
+@dataclass(eq=False)
+class TurnRun:
+    """One turn in flight. Phase: no reply yet = QUEUED; reply done = FLUSHING; else GENERATING."""
+
+    id: int
+    session: SessionRun
+    audio: np.ndarray | None
+    settings: TurnSettings
+    timings: TurnTimings
+    forced: ForcedLength | None
+    emit: Callable[[EngineEvent], None]
+    max_new_tokens: int
+    begun: bool = False  # the user turn joined the conversation
+    reply: Reply | None = None
+    reply_start: int = 0
+    vocoder: Any = None
+    detok: Any = None
+    pending_units: list[int] = field(default_factory=list)
+    chunks: deque[tuple[tuple[int, ...], bool]] = field(default_factory=deque)
+    samples_sent: int = 0
+
+    @property
+    def phase(self) -> TurnPhase:
+        if self.reply is None:
+            return TurnPhase.QUEUED
+        return TurnPhase.FLUSHING if self.reply.done else TurnPhase.GENERATING
+
+    @property
+    def audio_ms(self) -> float:
+        return self.samples_sent / SAMPLES_PER_MS
+
+
+def heard_of(reply: Reply) -> Heard:
+    return Heard([(r.start, r.stop) for r in reply.reads], [len(b) for b in reply.schedule.unit_blocks],
+                  len(reply.text_ids))

@@ -1,0 +1,404 @@
+"""The model side of the engine: every session's model state and the step, run by the model thread only.
+
+`ModelWorker` is synchronous and knows nothing of threads or asyncio: the engine (engine.py) calls
+`open / submit / cancel / close` with commands from the sessions and `step()` in a loop; each turn's events
+leave through the `emit` callable it was submitted with. Tests drive it directly, step by step.
+
+A step is schedule -> run -> postprocess (policy in scheduler.py): admit (encode + prefill new turns),
+one batched LLM decode, one batched TTS step, postprocess (text deltas, unit chunks), one batched vocoder
+call, then finish the turns whose audio is complete. A stage that raises fails only the turns in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from voice_agent.engine.api import (
+    INPUT_SAMPLE_RATE,
+    AudioChunk,
+    EngineEvent,
+    ResponseDone,
+    TextDelta,
+    TurnError,
+    TurnSettings,
+    TurnTimings,
+    UnitBlock,
+)
+from voice_agent.engine.conversation import ContextPolicy, Conversation, PromptFormat, Speech, heard_tokens
+from voice_agent.engine.flow_cache import FlowCache
+from voice_agent.engine.flow_stream import max_cached_frames
+from voice_agent.engine.reply import (
+    BlockOut,
+    DoneOut,
+    ForcedLength,
+    Reply,
+    TextOut,
+    UnitOut,
+    decode_text,
+    decode_tts,
+    prefill,
+)
+from voice_agent.engine.scheduler import Scheduler, TurnPhase, TurnView
+from voice_agent.engine.turns import SessionRun, StepStats, TurnRun, heard_of
+from voice_agent.model.mel import HOP_LENGTH
+from voice_agent.model.qwen2 import KVCache
+from voice_agent.model.speech_lm import ENCODER_STRIDE
+from voice_agent.model.tokenizer import SPEECH_TOKEN_INDEX, Turn
+
+log = logging.getLogger(__name__)
+
+WARMUP_SESSION = "warm-up"
+
+
+def _replies(turns: Sequence[TurnRun]) -> list[Reply]:
+    replies = [t.reply for t in turns]
+    assert all(r is not None for r in replies), "a stage got a turn without a reply"
+    return replies  # type: ignore[return-value]
+
+
+def _flatten(items: Sequence[list[int] | Speech]) -> tuple[list[int], list[Any]]:
+    ids: list[int] = []
+    speech: list[Any] = []
+    for item in items:
+        if isinstance(item, Speech):
+            ids.append(SPEECH_TOKEN_INDEX)
+            speech.append(item.features)
+        else:
+            ids += item
+    return ids, speech
+
+
+class ModelWorker:
+    """Sessions' model state, live turns, the static KV caches, and the step."""
+
+    def __init__(self, models: Any, config: Any, on_done: Callable[[TurnTimings], None] | None = None):
+        self.lm, self.decoder, self.config = models.lm, models.decoder, config
+        self.voice_table: dict[str, torch.Tensor] = dict(models.voices)
+        cfg = self.lm.config
+        self.context_tokens = config.context_tokens or cfg.tokenizer_model_max_length
+        R, W, N = cfg.read_tokens, cfg.write_units, config.max_reply_tokens
+        reply_units = W * (N // R + 1) + config.final_units  # W units per read and the final block
+        # Every text token, <sep> and every unit (as generate.py sizes it).
+        self.tts_positions = N + 2 + reply_units
+        dtype = self.lm.dtype
+        self.bytes_per_session = (self.context_tokens * KVCache.token_bytes(cfg.llm, dtype)
+                                  + self.tts_positions * KVCache.token_bytes(cfg.tts, dtype))
+        if self.decoder is not None and config.flow_cache:
+            flow = self.decoder.flow
+            frames = max_cached_frames(flow.cfg, config.flow_context_units, reply_units)
+            self.bytes_per_session += FlowCache.bytes_for(flow.cfg, frames, flow.dtype)
+        sched = config.scheduler
+        self.scheduler = Scheduler(sched)
+        self.sessions: dict[str, SessionRun] = {}
+        self.turns: dict[int, TurnRun] = {}  # live turns by id (= arrival order)
+        self.stats = StepStats()
+        self.on_done = on_done
+        self._formats: dict[str | None, PromptFormat] = {}
+        self._voices: dict[str, torch.Tensor] = {}
+        self._arrivals = 0
+        self.llm_cache: KVCache | None = None
+        self.tts_cache: KVCache | None = None
+
+    def allocate(self, slots: int) -> None:
+        """Allocate the static caches: one LLM and one TTS row per session slot."""
+        self.llm_cache = self.lm.new_llm_cache(slots, self.context_tokens)
+        self.tts_cache = self.lm.new_tts_cache(slots, self.tts_positions)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.turns)
+
+    @property
+    def _llm_cache(self) -> KVCache:
+        assert self.llm_cache is not None, "ModelWorker.allocate must run before the first step"
+        return self.llm_cache
+
+    @property
+    def _tts_cache(self) -> KVCache:
+        assert self.tts_cache is not None, "ModelWorker.allocate must run before the first step"
+        return self.tts_cache
+
+    def warm_up(self) -> TurnError | None:
+        """Run one short synthetic turn through every stage (lazy initialisation, kernel selection) before
+        serving; returns its error, if any (e.g. a default voice that cannot be loaded)."""
+        cfg = self.lm.config
+        forced = ForcedLength(cfg.read_tokens, min(cfg.write_units, self.config.final_units))
+        events: list[EngineEvent] = []
+        on_done, self.on_done = self.on_done, None
+        try:
+            self.open(WARMUP_SESSION, 0, None)
+            audio = np.zeros(INPUT_SAMPLE_RATE // 2, dtype=np.float32)  # 0.5 s of silence
+            self.submit(WARMUP_SESSION, TurnSettings(seed=0), audio, TurnTimings(time.monotonic()), forced,
+                        events.append)
+            while self.busy:
+                self.step()
+        finally:
+            self.sessions.pop(WARMUP_SESSION, None)
+            self.on_done = on_done
+            self.stats = StepStats()
+        return next((e for e in events if isinstance(e, TurnError)), None)
+
+    # ---------------------------------------------------------------- commands
+    def open(self, session_id: str, slot: int, system_prompt: str | None) -> None:
+        session = SessionRun(session_id, slot, None)
+        try:
+            policy = ContextPolicy(self.context_tokens, self.config.context_low_water)
+            session.conversation = Conversation(self._format(system_prompt), policy)
+        except Exception as e:  # noqa: BLE001 - reported on every turn of this session
+            session.broken = f"the session's prompt cannot be built: {e}"
+        self.sessions[session_id] = session
+
+    def submit(self, session_id: str, settings: TurnSettings, audio: np.ndarray, timings: TurnTimings,
+               forced: ForcedLength | None, emit: Callable[[EngineEvent], None]) -> None:
+        session = self.sessions[session_id]
+        if session.broken:
+            emit(TurnError("prompt_error", session.broken))
+            return
+        self._arrivals += 1
+        max_new = forced.text_tokens if forced else settings.max_new_tokens or self.config.max_new_tokens
+        turn = TurnRun(self._arrivals, session, audio, settings, timings, forced, emit, max_new)
+        session.turn, session.last = turn, None
+        self.turns[turn.id] = turn
+
+    def cancel(self, session_id: str, played_ms: float | None) -> None:
+        session = self.sessions.get(session_id)
+        if session is None or session.conversation is None:
+            return
+        turn, conv = session.turn, session.conversation
+        if turn is None:  # the reply already ended: cut it to what was heard, until the next turn
+            if played_ms is not None and session.last is not None:
+                last = session.last
+                conv.cut_reply(heard_tokens(played_ms, last.reads, last.blocks, last.text_tokens, True))
+            return
+        text = ""
+        if turn.reply is not None:
+            r = turn.reply
+            h = heard_of(r)
+            keep = h.text_tokens if played_ms is None else heard_tokens(played_ms, h.reads, h.blocks,
+                                                                         h.text_tokens, r.done)
+            conv.finish_reply(r.text_ids[:keep], r.llm_len - turn.reply_start, self.lm.generation.eos_token_ids)
+            text = self.lm.tok.decode(conv.exchanges[-1].reply)
+        elif turn.begun:
+            conv.abort_turn()
+        turn.timings.done = time.monotonic()
+        self._end(turn, ResponseDone(text, "cancelled", turn.timings, turn.audio_ms))
+
+    def close(self, session_id: str) -> None:
+        self.cancel(session_id, None)
+        self.sessions.pop(session_id, None)
+
+    def close_all(self) -> None:
+        for turn in list(self.turns.values()):
+            self._fail(turn, "engine_stopped", "the engine is shutting down")
+        self.sessions.clear()
+
+    def fail_all(self, code: str, message: str) -> None:
+        for turn in list(self.turns.values()):
+            self._fail(turn, code, message)
+
+    # ---------------------------------------------------------------- the step
+    @torch.inference_mode()
+    def step(self) -> None:
+        if not self.turns:
+            return
+        now = time.monotonic()
+        plan = self.scheduler.schedule([self._view(t, now) for t in self.turns.values()])
+        self.stats.steps += 1
+
+        def pick(ids: Sequence[int], ready: Callable[[TurnRun], bool]) -> list[TurnRun]:
+            turns = [t for t in (self.turns.get(i) for i in ids) if t is not None and ready(t)]
+            # rows in slot order: consecutive slots read their KV as one view (qwen2.KVCache)
+            return sorted(turns[: plan.max_batch], key=lambda t: t.session.slot)
+
+        self._guard(pick(plan.admit, lambda t: t.reply is None), self._admit)
+        self._guard(pick(plan.text, lambda t: t.reply is not None and t.reply.wants_text
+                         and self.scheduler.text_allowed(t.reply.text_lead)), self._text)
+        self._guard(pick(plan.tts, lambda t: t.reply is not None and t.reply.wants_tts), self._tts)
+        self._guard(pick(plan.vocode, lambda t: bool(t.chunks)), self._vocode)
+        for turn in list(self.turns.values()):
+            if turn.reply is not None and turn.reply.done and not turn.chunks:
+                self._finish(turn)
+
+    def _guard(self, turns: list[TurnRun], stage: Callable[[list[TurnRun]], None]) -> None:
+        if not turns:
+            return
+        try:
+            stage(turns)
+        except Exception as e:  # noqa: BLE001 - the stage's turns fail, the others go on
+            log.exception("engine: stage %s failed for %d turn(s)", stage.__name__, len(turns))
+            for turn in turns:
+                if turn.id in self.turns:
+                    self._fail(turn, getattr(e, "code", "engine_error"), f"{type(e).__name__}: {e}")
+
+    def _view(self, t: TurnRun, now: float) -> TurnView:
+        r = t.reply
+        if r is None:
+            conv = t.session.conversation
+            assert conv is not None and t.audio is not None
+            fmt = conv.fmt
+            pending = conv.length - conv.kv_len + len(fmt.reply_tail) + len(fmt.user_tail)
+            return TurnView(t.id, TurnPhase.QUEUED, t.id, prompt_tokens=pending + self._speech_positions(len(t.audio)))
+        started = t.timings.first_audio is not None
+        ahead = t.audio_ms - 1000.0 * (now - t.timings.first_audio) if t.timings.first_audio is not None else 0.0
+        return TurnView(t.id, t.phase, t.id, 0, r.wants_text, r.wants_tts, r.text_lead, bool(t.chunks), started, ahead)
+
+    def _speech_positions(self, samples: int) -> int:
+        k = self.lm.config.speech_encoder_ds_rate
+        if not self.lm.unpadded:
+            return self.lm.encoder.n_ctx // k
+        return -(-samples // (ENCODER_STRIDE * HOP_LENGTH * k))
+
+    def _admit(self, turns: list[TurnRun]) -> None:
+        lm, cfg = self.lm, self.config
+        features = lm.speech_features([t.audio for t in turns])
+        now = time.monotonic()
+        ready: list[TurnRun] = []
+        embeds: list[torch.Tensor] = []
+        for i, t in enumerate(turns):
+            t.timings.encoder_done, t.audio = now, None
+            conv, s = t.session.conversation, t.settings
+            assert conv is not None and s.seed is not None
+            try:
+                spk = self._voice(s.voice) if self.decoder is not None else None
+                new = conv.begin_turn(Speech(features.row(i), features.lengths[i]), t.max_new_tokens)
+            except Exception as e:  # noqa: BLE001 - a bad voice or an overlong turn fails this turn only
+                self._fail(t, getattr(e, "code", "turn_rejected"), str(e))
+                continue
+            t.begun = True
+            ids, speech = _flatten(new.items)
+            embeds.append(lm.embed_prompt(ids, speech))
+            t.reply = Reply.start(lm, llm_slot=t.session.slot, tts_slot=t.session.slot, llm_len=new.start,
+                                  temperature=s.temperature, max_new_tokens=t.max_new_tokens, seed=s.seed,
+                                  final_units=cfg.final_units, forced=t.forced)
+            t.reply_start = conv.length
+            t.detok = lm.tok.detokenizer()
+            if spk is not None:
+                t.vocoder = self.decoder.stream(spk, s.seed, cfg.flow_context_units, cfg.flow_cache)
+            ready.append(t)
+        if ready:
+            prefill(lm, _replies(ready), embeds, self._llm_cache)
+            self.stats.admitted += len(ready)
+            self.stats.prefill_tokens += sum(e.shape[0] for e in embeds)
+            for t in ready:
+                assert t.session.conversation is not None and t.reply is not None
+                t.session.conversation.prefilled()
+                assert t.reply.llm_len == t.reply_start, "prefill and conversation disagree on the prompt length"
+                self._drain(t)
+
+    def _text(self, turns: list[TurnRun]) -> None:
+        decode_text(self.lm, _replies(turns), self._llm_cache)
+        self.stats.text_rows += len(turns)
+        self.stats.text_calls += 1
+        for t in turns:
+            self._drain(t)
+
+    def _tts(self, turns: list[TurnRun]) -> None:
+        decode_tts(self.lm, _replies(turns), self._tts_cache)
+        self.stats.tts_rows += len(turns)
+        self.stats.tts_calls += 1
+        for t in turns:
+            self._drain(t)
+
+    def _drain(self, t: TurnRun) -> None:
+        """Postprocess: a reply's outbox -> text deltas and unit chunks."""
+        assert t.reply is not None
+        W = self.lm.config.write_units
+        now = time.monotonic()
+        for out in t.reply.drain():
+            if isinstance(out, TextOut):
+                if t.timings.first_text is None:
+                    t.timings.first_text = now
+                delta = t.detok.push(out.token)
+                if delta:
+                    t.emit(TextDelta(delta))
+            elif isinstance(out, UnitOut):
+                t.pending_units.append(out.unit)
+                if len(t.pending_units) >= W:  # a long (final) block streams in chunks of W units
+                    self._chunk(t, False, now)
+            elif isinstance(out, BlockOut):
+                if t.pending_units or out.final:
+                    self._chunk(t, out.final, now)
+            elif isinstance(out, DoneOut):
+                tail = t.detok.flush()
+                if tail:
+                    t.emit(TextDelta(tail))
+
+    def _chunk(self, t: TurnRun, final: bool, now: float) -> None:
+        units = tuple(t.pending_units)
+        t.pending_units.clear()
+        if units:
+            if t.timings.first_units is None:
+                t.timings.first_units = now
+            t.emit(UnitBlock(units))
+        t.chunks.append((units, final))
+
+    def _vocode(self, turns: list[TurnRun]) -> None:
+        if self.decoder is None:  # units only
+            for t in turns:
+                t.chunks.clear()
+            return
+        from voice_agent.engine.vocoder import vocode_many
+
+        jobs = [t.chunks.popleft() for t in turns]
+        pcms = vocode_many([t.vocoder for t in turns], [u for u, _ in jobs], [f for _, f in jobs])
+        self.stats.vocode_rows += len(turns)
+        self.stats.vocode_calls += 1
+        now = time.monotonic()
+        for t, pcm in zip(turns, pcms, strict=True):
+            if len(pcm):
+                if t.timings.first_audio is None:
+                    t.timings.first_audio = now
+                t.emit(AudioChunk(np.asarray(pcm, dtype=np.float32), t.audio_ms))
+                t.samples_sent += len(pcm)
+
+    # ---------------------------------------------------------------- endings
+    def _finish(self, t: TurnRun) -> None:
+        r, conv = t.reply, t.session.conversation
+        assert r is not None and conv is not None and r.finish_reason is not None
+        conv.finish_reply(r.text_ids, r.llm_len - t.reply_start, self.lm.generation.eos_token_ids)
+        t.session.last = heard_of(r)
+        t.timings.done = time.monotonic()
+        self._end(t, ResponseDone(self.lm.tok.decode(conv.exchanges[-1].reply), r.finish_reason, t.timings,
+                                  t.audio_ms))
+
+    def _fail(self, t: TurnRun, code: str, message: str) -> None:
+        if t.begun and t.session.conversation is not None:
+            t.session.conversation.abort_turn()
+        self._end(t, TurnError(code, message))
+
+    def _end(self, t: TurnRun, event: EngineEvent) -> None:
+        """Free everything the turn holds and send its last event."""
+        self.turns.pop(t.id, None)
+        if t.session.turn is t:
+            t.session.turn = None
+        t.reply, t.vocoder, t.audio = None, None, None
+        t.chunks.clear()
+        if isinstance(event, ResponseDone) and self.on_done is not None:
+            self.on_done(t.timings)
+        t.emit(event)
+
+    # ---------------------------------------------------------------- prompt and voice
+    def _format(self, system: str | None) -> PromptFormat:
+        if system not in self._formats:
+            def render(n: int) -> list[int]:
+                turns = [Turn.user()] + [t for _ in range(n - 1) for t in (Turn.assistant(""), Turn.user())]
+                return self.lm.tok.build_prompt(turns, system)
+
+            self._formats[system] = PromptFormat.derive(render, SPEECH_TOKEN_INDEX)
+        return self._formats[system]
+
+    def _voice(self, name: str | None) -> torch.Tensor:
+        from voice_agent.model.cosy2.voice import DEFAULT_VOICE
+
+        key = name or self.config.default_voice or DEFAULT_VOICE
+        if key in self.voice_table:
+            return self.voice_table[key]
+        if key not in self._voices:
+            self._voices[key] = self.decoder.voice(key)
+        return self._voices[key]

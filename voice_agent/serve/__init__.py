@@ -1,0 +1,1 @@
+"""The network edge: routes, connections, turn-taking, VAD, wire protocols."""

@@ -1,0 +1,167 @@
+"""Server configuration: one frozen, validated dataclass built from CLI options and environment variables.
+
+Every field `name` is the option `--name-with-dashes` of `voice-agent serve` and the environment variable
+`VOICE_AGENT_NAME`; a command-line value wins over the environment, which wins over the default. Values
+are validated when the config is built, and every error names the option / variable, what was expected
+and what was found. The VAD / barge-in fields are the server's defaults; each client may override
+them in its start message (see docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from voice_agent.engine.api import TurnSettings
+from voice_agent.errors import VoiceAgentError
+from voice_agent.serve.session import SessionSettings
+from voice_agent.serve.vad import VadSettings
+
+ENV_PREFIX = "VOICE_AGENT_"
+DTYPES = ("float32", "bfloat16", "float16")
+VAD_KINDS = ("webrtc", "silero")
+
+
+class ConfigError(VoiceAgentError):
+    """A server option or environment variable has an invalid value."""
+
+    code = "config_error"
+
+
+def _opt(
+    default: Any, help: str, parse: Callable[[str], Any] = str, choices: tuple[str, ...] | None = None
+) -> Any:
+    return field(default=default, metadata={"help": help, "parse": parse, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `voice-agent serve` needs; see the module docstring for how it is built."""
+
+    host: str = _opt("127.0.0.1", "interface to listen on (0.0.0.0 for all)")
+    port: int = _opt(8000, "TCP port", int)
+    model_dir: str | None = _opt(None, "LLaMA-Omni2 model directory (default: look in models/; "
+                                       "none found: the embedded tiny demo model)")
+    vocoder_dir: str | None = _opt(None, "cosy2_decoder directory (flow.pt, hift.pt)")
+    whisper: str | None = _opt(None, "openai-whisper large-v3.pt to take the speech encoder from")
+    device: str = _opt("cpu", "torch device, e.g. cpu or cuda:0")
+    dtype: str = _opt("float32", "model dtype", choices=DTYPES)
+    max_sessions: int = _opt(4, "concurrent conversations the engine admits", int)
+    context_tokens: int = _opt(0, "KV positions per conversation; older turns are dropped beyond it "
+                                  "(0: the model's tokenizer_model_max_length)", int)
+    kv_budget_mb: int = _opt(0, "KV and flow cache memory for all conversations in MiB; fewer sessions are admitted "
+                                "if it is smaller than max-sessions needs (0: no limit)", int)
+    encoder_input: str = _opt("padded", "speech encoder input: 'padded' to 30 s as the reference (faithful), "
+                                        "or 'unpadded', the real length (faster; changes numbers)",
+                              choices=("padded", "unpadded"))
+    flow_context_units: int = _opt(100, "speech units of left context the flow recomputes per block "
+                                        "(0: the reference's full recompute, cost growing with the reply)", int)
+    flow_cache: str = _opt("on", "'on': the flow keeps each completed 2-s chunk's state and computes only the "
+                                 "current chunk per block (fast; at the official size 4.6 MB per cached frame, "
+                                 "0.9 GB per session with the default window); 'off': recompute the window "
+                                 "every block", choices=("on", "off"))
+    system_prompt: str | None = _opt(None, "system prompt of every conversation (default: the model's)")
+    voice: str | None = _opt(None, "default voice name (clients may choose another)")
+    api_key: str | None = _opt(None, "if set, every WebSocket needs it (Authorization: Bearer KEY, "
+                                     "or 'key' in the start message)")
+    vad: str = _opt("webrtc", "voice activity detector (silero needs: pip install silero-vad)",
+                    choices=VAD_KINDS)
+    vad_aggressiveness: int = _opt(2, "webrtcvad aggressiveness 0..3", int)
+    vad_frame_ms: int = _opt(20, "webrtcvad frame length: 10, 20 or 30 ms", int)
+    speech_start_ms: int = _opt(150, "voiced audio before speech counts as started (ms)", int)
+    silence_ms: int = _opt(500, "silence that ends the user's turn (ms)", int)
+    prefix_padding_ms: int = _opt(300, "audio kept before the start of speech (ms)", int)
+    max_turn_ms: int = _opt(30_000, "a user turn is cut at this length (ms)", int)
+    min_interruption_ms: int = _opt(400, "user speech during a reply shorter than this does not "
+                                         "interrupt it (ms)", int)
+    send_queue_messages: int = _opt(256, "per-connection outgoing queue length (messages)", int)
+    slow_client_ms: int = _opt(2000, "a client whose queue stays full this long is closed (ms)", int)
+    static_dir: str | None = _opt(None, "directory of the bundled page (default: the package's static/)")
+    log_level: str = _opt("info", "log level", choices=("critical", "error", "warning", "info", "debug"))
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                value = getattr(self, name)
+                got = f"{len(value)} characters" if name == "api_key" else repr(value)  # never echo a key
+                raise ConfigError(f"{_where(name)}: expected {expected}, got {got}")
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["parse"] is int:
+                need(isinstance(value, int) and not isinstance(value, bool), f.name, "an integer")
+            elif value is not None:
+                need(isinstance(value, str), f.name, "a string")
+        need(0 <= self.port <= 65535, "port", "a port number 0..65535")
+        need(1 <= self.max_sessions <= 4096, "max_sessions", "an integer 1..4096")
+        need(self.context_tokens == 0 or 512 <= self.context_tokens <= 131_072, "context_tokens",
+             "0 or an integer 512..131072")
+        need(self.kv_budget_mb >= 0, "kv_budget_mb", "an integer >= 0")
+        need(0 <= self.flow_context_units <= 7500, "flow_context_units", "an integer 0..7500")
+        need(8 <= self.send_queue_messages <= 100_000, "send_queue_messages", "an integer 8..100000")
+        need(10 <= self.slow_client_ms <= 60_000, "slow_client_ms", "an integer 10..60000")
+        need(self.api_key is None or len(self.api_key) >= 8, "api_key", "at least 8 characters")
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            need(choices is None or getattr(self, f.name) in choices, f.name, f"one of {choices}")
+        try:
+            self.session_defaults()
+        except VoiceAgentError as e:
+            raise ConfigError(f"VAD / turn options ({_where('silence_ms')} and friends): {e}") from None
+
+    def session_defaults(self) -> SessionSettings:
+        """The settings a client gets when its start message overrides nothing."""
+        vad = VadSettings(
+            kind=self.vad,  # type: ignore[arg-type]
+            aggressiveness=self.vad_aggressiveness,
+            frame_ms=self.vad_frame_ms,
+            speech_start_ms=self.speech_start_ms,
+            silence_ms=self.silence_ms,
+            prefix_padding_ms=self.prefix_padding_ms,
+            max_turn_ms=self.max_turn_ms,
+        )
+        return SessionSettings(vad=vad, turn=TurnSettings(voice=self.voice),
+                               min_interruption_ms=self.min_interruption_ms)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one option per field; defaults stay None so `from_args` can tell "not given"."""
+        for f in fields(cls):
+            env = ENV_PREFIX + f.name.upper()
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                default=None,
+                choices=f.metadata["choices"],
+                help=f"{f.metadata['help']} [env {env}; default {f.default!r}]",
+            )
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
+        """Command-line values, then VOICE_AGENT_* variables, then defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = getattr(ns, f.name, None)
+            source = "--" + f.name.replace("_", "-")
+            if raw is None:
+                raw, source = environ.get(ENV_PREFIX + f.name.upper()), ENV_PREFIX + f.name.upper()
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw) if isinstance(raw, str) else raw
+            except ValueError:
+                raise ConfigError(f"{source}: expected {f.metadata['parse'].__name__}, got {raw!r}") from None
+        return cls(**values)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
+        """Environment variables and defaults only."""
+        return cls.from_args(argparse.Namespace(), environ)
+
+
+def _where(name: str) -> str:
+    return f"--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}"

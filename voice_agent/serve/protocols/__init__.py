@@ -1,0 +1,1 @@
+"""Sans-I/O wire adapters: wire messages <-> the events of `events.py`."""

@@ -1,0 +1,303 @@
+"""One conversation's turn-taking state machine: listening, user speaking, responding, and barge-in.
+
+Events in (`on_audio`, `on_engine_event`, `on_playback`, `on_interrupt_request`, `update_settings`),
+outputs out: `ServerEvent`s for the client plus two commands for whoever owns the engine session,
+`SubmitTurn` and `CancelTurn`. No I/O and no clock: every input carries `now` (time.monotonic()
+seconds), so the whole policy is testable with a fake classifier and made-up times.
+
+States (`TurnState`, transitions in `_TRANSITIONS`):
+- LISTENING: nobody speaks.
+- USER_SPEAKING: the VAD found user speech; when it ends, the audio becomes a turn (RESPONDING).
+- RESPONDING: a response is being generated or is still playing on the client. The agent "speaks"
+  until the engine is done AND the client has played the audio (by its playback reports, or for a
+  client that sends none, by the time a real-time player needs for the audio sent).
+- OVERLAP: the user speaks while the agent speaks. Speech shorter than `min_interruption_ms` (a
+  cough, "mhm") is ignored and the response goes on; longer speech cancels the response (engine
+  `cancel(played_ms)`, `Interrupted` to the client, unsent audio dropped) and becomes the next turn,
+  which is submitted once the engine has confirmed the cancelled turn ended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from voice_agent.engine.api import AudioChunk, EngineEvent, ResponseDone, TextDelta, TurnError, TurnSettings
+from voice_agent.serve.protocols.events import (
+    AudioOut,
+    ErrorEvent,
+    Interrupted,
+    ResponseFinished,
+    ResponseStarted,
+    ServerEvent,
+    SettingsUpdated,
+    SpeechStarted,
+    SpeechStopped,
+    TextOut,
+)
+from voice_agent.serve.vad import TurnDetector, VadSettings, VadSettingsError, VadSpeechStarted, VadState
+
+PLAYED_TOLERANCE_MS = 50.0  # a reported position this close to the end counts as "played it all"
+PLAYBACK_SLACK_S = 0.3  # client without reports: jitter buffer + network allowance after real time
+REPORT_TIMEOUT_S = 3.0  # client with reports: give up waiting for the final report after this
+MAX_MIN_INTERRUPTION_MS = 10_000
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Everything a client may tune per session: turn detection, barge-in, and per-turn model settings."""
+
+    vad: VadSettings = field(default_factory=VadSettings)
+    turn: TurnSettings = field(default_factory=TurnSettings)
+    min_interruption_ms: int = 400  # user speech during a response shorter than this is ignored
+
+    def __post_init__(self) -> None:
+        m = self.min_interruption_ms
+        if not (isinstance(m, int) and not isinstance(m, bool) and 0 <= m <= MAX_MIN_INTERRUPTION_MS):
+            raise VadSettingsError(
+                f"min_interruption_ms: expected an integer 0..{MAX_MIN_INTERRUPTION_MS}, got {m!r}"
+            )
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "vad": self.vad.as_dict(),
+            "voice": self.turn.voice,
+            "temperature": self.turn.temperature,
+            "max_new_tokens": self.turn.max_new_tokens,
+            "seed": self.turn.seed,
+            "min_interruption_ms": self.min_interruption_ms,
+        }
+
+
+@dataclass(frozen=True)
+class SubmitTurn:
+    """Command: start `response_id` on the engine. `speech_end` is the monotonic time the user's speech
+    ended (before the end-of-turn silence), so the turn's timings measure what the user waited."""
+
+    response_id: str
+    audio: np.ndarray  # (T,) float32 16 kHz
+    settings: TurnSettings
+    speech_end: float
+
+
+@dataclass(frozen=True)
+class CancelTurn:
+    """Command: cancel `response_id` keeping `played_ms` of its audio in history. `generating` is False
+    when the engine had already finished generating it and the client was still playing it."""
+
+    response_id: str
+    played_ms: float
+    generating: bool
+
+
+Output = ServerEvent | SubmitTurn | CancelTurn
+
+
+class TurnState(Enum):
+    LISTENING = "listening"
+    USER_SPEAKING = "user_speaking"
+    RESPONDING = "responding"
+    OVERLAP = "overlap"
+
+
+class Trigger(Enum):
+    SPEECH_STARTED = "speech_started"
+    TURN_ENDED = "turn_ended"  # user speech became a turn
+    BACKCHANNEL = "backchannel"  # user speech during a response, too short to interrupt
+    INTERRUPTED = "interrupted"  # the response was cut (barge-in or the client's request)
+    RESPONSE_FINISHED = "response_finished"  # generated and played
+
+
+_TRANSITIONS: dict[tuple[TurnState, Trigger], TurnState] = {
+    (TurnState.LISTENING, Trigger.SPEECH_STARTED): TurnState.USER_SPEAKING,
+    (TurnState.USER_SPEAKING, Trigger.TURN_ENDED): TurnState.RESPONDING,
+    (TurnState.RESPONDING, Trigger.SPEECH_STARTED): TurnState.OVERLAP,
+    (TurnState.RESPONDING, Trigger.INTERRUPTED): TurnState.LISTENING,
+    (TurnState.RESPONDING, Trigger.RESPONSE_FINISHED): TurnState.LISTENING,
+    (TurnState.OVERLAP, Trigger.BACKCHANNEL): TurnState.RESPONDING,
+    (TurnState.OVERLAP, Trigger.INTERRUPTED): TurnState.USER_SPEAKING,
+    (TurnState.OVERLAP, Trigger.RESPONSE_FINISHED): TurnState.USER_SPEAKING,
+}
+
+
+class SessionStateError(RuntimeError):
+    """A trigger arrived in a state that has no transition for it (a bug, not a client error)."""
+
+
+@dataclass
+class _Response:
+    """One response's bookkeeping, from the end of the user's turn to the end of playback."""
+
+    id: str
+    audio: np.ndarray  # the user's turn, until submitted
+    speech_end: float
+    end_of_turn_ms: float
+    submitted: bool = False
+    generating: bool = True
+    audio_ms: float = 0.0  # reply audio sent to the client so far
+    played_ms: float = 0.0  # the client's latest playback report
+    reported_at: float | None = None  # when that report came; None: the client never reported
+    play_end_at: float | None = None  # when a real-time player would finish what was sent
+
+
+class Session:
+    """Turn-taking for one conversation. Not thread-safe; call it from one event loop."""
+
+    def __init__(
+        self, session_id: str, settings: SessionSettings, detector: TurnDetector | None = None
+    ) -> None:
+        self.id = session_id
+        self.settings = settings
+        self.detector = detector if detector is not None else TurnDetector(settings.vad)
+        self.state = TurnState.LISTENING
+        self._next_vad: VadSettings | None = None
+        self._speech_at_ms = 0.0
+        self._current: _Response | None = None  # the response the user is hearing (or will)
+        self._draining: _Response | None = None  # cancelled, waiting for the engine to confirm
+        self._count = 0
+
+    # ---- inputs ----------------------------------------------------------------------------------
+
+    def on_audio(self, pcm: np.ndarray, now: float) -> list[Output]:
+        """Microphone audio ((T,) float32 16 kHz) arrived at `now`."""
+        out: list[Output] = []
+        self._maybe_finish(now)
+        if self._next_vad is not None and self.detector.state is VadState.SILENCE:
+            self.detector = TurnDetector(self._next_vad)
+            self._next_vad = None
+        for ev in self.detector.feed(pcm):
+            if isinstance(ev, VadSpeechStarted):
+                self._speech_at_ms = ev.at_ms
+                out.append(SpeechStarted(at_ms=ev.at_ms))
+                self._fire(Trigger.SPEECH_STARTED)
+                continue
+            duration_ms = ev.at_ms - self._speech_at_ms
+            if self.state is TurnState.OVERLAP and duration_ms >= self.settings.min_interruption_ms:
+                self._interrupt(now, out)  # the whole utterance arrived in one piece
+            if self.state is TurnState.OVERLAP:
+                out.append(SpeechStopped(ev.at_ms, duration_ms, turn=False, reason=ev.reason))
+                self._fire(Trigger.BACKCHANNEL)
+                continue
+            out.append(SpeechStopped(ev.at_ms, duration_ms, turn=True, reason=ev.reason))
+            self._fire(Trigger.TURN_ENDED)
+            self._count += 1
+            self._current = _Response(
+                id=f"resp_{self._count}",
+                audio=ev.audio,
+                speech_end=now - ev.end_of_turn_ms / 1000.0,
+                end_of_turn_ms=ev.end_of_turn_ms,
+            )
+            if self._draining is None:
+                self._submit(self._current, out)
+        if self.state is TurnState.OVERLAP and self.detector.voiced_ms >= self.settings.min_interruption_ms:
+            self._interrupt(now, out)
+        return out
+
+    def on_engine_event(self, response_id: str, event: EngineEvent, now: float) -> list[Output]:
+        """An event of `response_id`'s engine stream arrived at `now`."""
+        out: list[Output] = []
+        r = self._current if self._current is not None and self._current.id == response_id else None
+        draining = self._draining if self._draining is not None and self._draining.id == response_id else None
+        if r is None and draining is None:
+            return out  # a response that already ended
+        if isinstance(event, TextDelta) and r is not None:
+            out.append(TextOut(response_id, event.text))
+        elif isinstance(event, AudioChunk) and r is not None:
+            r.audio_ms = max(r.audio_ms, event.start_ms + event.duration_ms)
+            r.play_end_at = max(r.play_end_at or now, now) + event.duration_ms / 1000.0
+            out.append(AudioOut(response_id, event.pcm, event.start_ms))
+        elif isinstance(event, (ResponseDone, TurnError)):
+            done = r if r is not None else draining
+            assert done is not None
+            done.generating = False
+            timings: dict[str, float | None] = {"end_of_turn_ms": round(done.end_of_turn_ms, 2)}
+            if isinstance(event, ResponseDone):
+                timings.update(event.timings.as_ms())
+                audio_ms = event.audio_ms or done.audio_ms
+                out.append(ResponseFinished(response_id, event.reason, event.text, audio_ms, timings))
+            else:
+                out.append(ErrorEvent(event.code, event.message))
+                out.append(ResponseFinished(response_id, "error", "", done.audio_ms, timings))
+            if draining is not None:
+                self._draining = None
+                if self._current is not None and not self._current.submitted:
+                    self._submit(self._current, out)
+            self._maybe_finish(now)
+        return out
+
+    def on_playback(self, response_id: str, played_ms: float, now: float) -> list[Output]:
+        """The client reports having played `played_ms` of `response_id`'s audio."""
+        r = self._current
+        if r is not None and r.id == response_id:
+            r.played_ms = max(r.played_ms, min(played_ms, r.audio_ms))
+            r.reported_at = now
+        self._maybe_finish(now)
+        return []
+
+    def on_interrupt_request(self, played_ms: float | None, now: float) -> list[Output]:
+        """The client asked to stop the response (no-op when the agent is not speaking)."""
+        out: list[Output] = []
+        if self.state in (TurnState.RESPONDING, TurnState.OVERLAP) and self._current is not None:
+            if played_ms is not None:
+                self.on_playback(self._current.id, played_ms, now)
+            if self._current is not None:
+                self._interrupt(now, out)
+        return out
+
+    def update_settings(self, settings: SessionSettings) -> list[Output]:
+        """New settings for the next turns; VAD changes apply at the next silence."""
+        if settings.vad != self.settings.vad:
+            self._next_vad = settings.vad
+        self.settings = settings
+        return [SettingsUpdated(settings.as_dict())]
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _fire(self, trigger: Trigger) -> None:
+        try:
+            self.state = _TRANSITIONS[(self.state, trigger)]
+        except KeyError:
+            raise SessionStateError(f"no transition from {self.state.value} on {trigger.value}") from None
+
+    def _submit(self, r: _Response, out: list[Output]) -> None:
+        r.submitted = True
+        out.append(ResponseStarted(r.id))
+        out.append(SubmitTurn(r.id, r.audio, self.settings.turn, r.speech_end))
+        r.audio = np.zeros(0, dtype=np.float32)
+
+    def _played(self, r: _Response, now: float) -> float:
+        """What the client has heard: its report, or for a silent client the real-time estimate."""
+        if r.reported_at is not None or r.play_end_at is None:
+            return r.played_ms
+        return max(0.0, r.audio_ms - max(0.0, r.play_end_at - now) * 1000.0)
+
+    def _interrupt(self, now: float, out: list[Output]) -> None:
+        r = self._current
+        assert r is not None, "interrupt without a current response"
+        self._current = None
+        self._fire(Trigger.INTERRUPTED)
+        if not r.submitted:
+            return  # the client never saw it start; drop it quietly
+        played = round(self._played(r, now), 2)
+        out.append(CancelTurn(r.id, played, generating=r.generating))
+        out.append(Interrupted(r.id, played))
+        if r.generating:
+            self._draining = r
+
+    def _maybe_finish(self, now: float) -> None:
+        """End RESPONDING when the current response is generated and played out."""
+        r = self._current
+        if r is None or not r.submitted or r.generating:
+            return
+        if r.audio_ms <= 0.0 or r.play_end_at is None:
+            finished = True
+        elif r.reported_at is not None:
+            finished = (r.played_ms >= r.audio_ms - PLAYED_TOLERANCE_MS
+                        or now >= r.play_end_at + REPORT_TIMEOUT_S)
+        else:
+            finished = now >= r.play_end_at + PLAYBACK_SLACK_S
+        if finished:
+            self._current = None
+            self._fire(Trigger.RESPONSE_FINISHED)

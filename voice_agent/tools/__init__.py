@@ -1,0 +1,1 @@
+"""Commands besides the server: generate, bench, download."""

@@ -1,0 +1,163 @@
+"""`voice-agent generate`: one spoken question in, the streamed reply out (text, units, and audio).
+
+Prints the text as it is generated and, after each read, how many units the TTS LM wrote. With
+`--vocoder-dir` the units are turned into 24 kHz speech block by block, as the server does, and written
+to `--output`. `--dump out.npz` writes the intermediate arrays for inspection and comparison with other
+implementations (names and shapes in `DUMP_ARRAYS`). `--temperature 0` makes text and units greedy, so
+runs repeat exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from voice_agent.audio import MODEL_SAMPLE_RATE, load_audio
+from voice_agent.engine.reply import BlockOut, Reply, TextOut, decode_text, decode_tts, prefill
+from voice_agent.engine.schedule import FINAL_UNIT_LIMIT
+from voice_agent.model.mel import CHUNK_LENGTH
+from voice_agent.model.speech_lm import SpeechLM
+from voice_agent.model.tokenizer import Turn
+
+MAX_INPUT_SECONDS = float(CHUNK_LENGTH)  # the Whisper window: longer turns are refused, never silently cut
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+DUMP_ARRAYS = {
+    "mel": "float32 [n_mels, T_mel], the encoder input",
+    "encoder_out": "float32 [T_enc, D_enc]",
+    "adapter_out": "float32 [T_enc / 5, H]",
+    "prompt_ids": "int64, the templated prompt with -200 at the speech placeholder",
+    "first_logits": "float32 [V], LLM logits at the first generated position",
+    "text_ids": "int64, generated text ids",
+    "tts_hidden": "float32 [N_text, H], the LLM states fed to the TTS model, in order",
+    "units": "int64, all speech units",
+    "unit_blocks": "int64 [n_reads], the number of units written after each read, in order",
+    "flow_mel": "float32 [80, T], the mel of the whole reply, non-streaming (with --vocoder-dir)",
+    "wav": "float32, the streamed 24 kHz waveform in order (with --vocoder-dir)",
+}
+
+
+def run_reply(lm: SpeechLM, audio: np.ndarray, *, temperature: float | None, max_new_tokens: int | None,
+              seed: int, on_text=None, on_block=None, keep_first_logits: bool = False,
+              final_units: int | None = None):
+    """Run one turn for one session; returns (reply, features, prompt_ids).
+
+    `final_units` lowers the cap on units written after the final read (1024, as the reference); random
+    test models rarely sample the TTS eos, so tests use a small cap."""
+    features = lm.speech_features([audio])
+    prompt_ids = lm.tok.build_prompt([Turn.user()])
+    embeds = lm.embed_prompt(prompt_ids, [features.row(0)])  # (L, H)
+    reply = Reply.start(lm, llm_slot=0, tts_slot=0, temperature=temperature, max_new_tokens=max_new_tokens,
+                        seed=seed, keep_first_logits=keep_first_logits,
+                        final_units=FINAL_UNIT_LIMIT if final_units is None else final_units)
+    max_text = reply.max_new_tokens
+    llm_cache = lm.new_llm_cache(1, embeds.shape[0] + max_text + 1)
+    # TTS positions: every text token, <sep>, up to W units per read, up to 1024 after the final read.
+    cfg = lm.config
+    tts_len = max_text + 2 + cfg.write_units * (max_text // cfg.read_tokens + 1) + reply.schedule.final_units
+    tts_cache = lm.new_tts_cache(1, tts_len)
+    prefill(lm, [reply], [embeds], llm_cache)
+    while True:
+        for out in reply.drain():
+            if isinstance(out, TextOut) and on_text:
+                on_text(out.token)
+            elif isinstance(out, BlockOut) and on_block:
+                on_block(out)
+        if reply.done:
+            break
+        if reply.wants_tts:  # the reference writes each block before reading more text
+            decode_tts(lm, [reply], tts_cache)
+        elif reply.wants_text:
+            decode_text(lm, [reply], llm_cache)
+        else:  # pragma: no cover - the schedule always leaves one of the two
+            raise RuntimeError("reply stalled: neither text nor speech to generate")
+    return reply, features, prompt_ids
+
+
+class ReplyVocoder:
+    """Units -> 24 kHz speech for one reply, block by block as the server streams it."""
+
+    def __init__(self, directory: str, voice: str | None, device: str, seed: int):
+        from voice_agent.audio import OUTPUT_SAMPLE_RATE
+        from voice_agent.model.cosy2.decoder import Cosy2Decoder
+
+        self.decoder = Cosy2Decoder.load(directory, device=device)
+        self.spk = self.decoder.voice(voice)
+        self.seed = seed
+        # the reference's full recompute: a whole-reply cache would hold 4.6 MB per frame at the official size
+        self.stream = self.decoder.stream(self.spk, seed, context_units=None, cached=False)
+        self.sample_rate = OUTPUT_SAMPLE_RATE
+
+    def push(self, units: list[int], final: bool) -> np.ndarray:
+        return self.stream.push(units, final)
+
+    def offline_mel(self, units: list[int]) -> np.ndarray:
+        """The mel of the whole reply in one non-streaming call (finalize), same noise as the stream."""
+        from voice_agent.engine.flow_stream import FlowStream
+
+        whole = FlowStream(self.decoder.flow, self.spk, self.seed)
+        return whole.push(list(units), True).float().cpu().numpy()
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    audio = load_audio(args.input, rate=MODEL_SAMPLE_RATE, max_seconds=MAX_INPUT_SECONDS)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    lm = SpeechLM.load(args.model_dir, whisper_path=args.whisper, device=args.device,
+                       dtype=DTYPES[args.dtype], unpadded=args.unpadded)
+    print(f"[loaded {lm.name} in {time.perf_counter() - t0:.2f} s on {lm.device} ({args.dtype})]", file=sys.stderr)
+
+    vocoder = ReplyVocoder(args.vocoder_dir, args.voice, args.device, args.seed) if args.vocoder_dir else None
+    detok = lm.tok.detokenizer()
+    wav_chunks: list[np.ndarray] = []
+
+    def on_text(token: int) -> None:
+        sys.stdout.write(detok.push(token))
+        sys.stdout.flush()
+
+    def on_block(block: BlockOut) -> None:
+        print(f" [+{len(block.units)} units]", end="", flush=True)
+        if vocoder is not None:
+            wav_chunks.append(vocoder.push(list(block.units), block.final))
+
+    t1 = time.perf_counter()
+    reply, features, prompt_ids = run_reply(
+        lm, audio, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        on_text=on_text, on_block=on_block, keep_first_logits=args.dump is not None,
+        final_units=args.max_final_units,
+    )
+    sys.stdout.write(detok.flush())
+    elapsed = time.perf_counter() - t1
+    print(f"\n[{len(reply.text_ids)} text tokens, {len(reply.units)} units in {len(reply.schedule.unit_blocks)} "
+          f"writes, finished by {reply.finish_reason}, {elapsed:.2f} s]")
+
+    wav = np.concatenate(wav_chunks) if wav_chunks else np.zeros(0, np.float32)
+    if vocoder is not None:
+        import soundfile as sf
+
+        sf.write(args.output, wav, vocoder.sample_rate, subtype="PCM_16")
+        print(f"[wrote {args.output}: {len(wav) / vocoder.sample_rate:.2f} s at {vocoder.sample_rate} Hz]")
+    if args.dump:
+        arrays = {
+            "mel": features.mel[0].float().cpu().numpy(),
+            "encoder_out": features.encoder_out[0].float().cpu().numpy(),
+            "adapter_out": features.row(0).float().cpu().numpy(),
+            "prompt_ids": np.asarray(prompt_ids, dtype=np.int64),
+            "first_logits": reply.first_logits.numpy().astype(np.float32),
+            "text_ids": np.asarray(reply.text_ids, dtype=np.int64),
+            "tts_hidden": torch.stack(reply.hiddens).float().cpu().numpy(),
+            "units": np.asarray(reply.units, dtype=np.int64),
+            "unit_blocks": np.asarray([len(b) for b in reply.schedule.unit_blocks], dtype=np.int64),
+        }
+        if vocoder is not None:
+            arrays["flow_mel"] = vocoder.offline_mel(reply.units)
+            arrays["wav"] = wav.astype(np.float32)
+        Path(args.dump).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.dump, **arrays)
+        print(f"[dumped {', '.join(arrays)} to {args.dump}]")
+    return 0
