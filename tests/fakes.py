@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from voice_agent.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 from voice_agent.engine.api import (
-    INPUT_SAMPLE_RATE,
-    OUTPUT_SAMPLE_RATE,
     AdmissionError,
     AudioChunk,
     EngineEvent,

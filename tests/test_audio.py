@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from voice_agent.audio import (
-    MODEL_SAMPLE_RATE,
+    INPUT_SAMPLE_RATE,
     PCM16_SCALE,
     Resampler,
     float_to_pcm16,
@@ -104,7 +104,7 @@ def test_load_audio_resamples_flac_to_model_rate(tmp_path) -> None:
     sf.write(path, np.stack([x, x, x], axis=1), 48000)
     audio = load_audio(path)
     assert audio.shape == (8000,)
-    amplitude, residual = fit_sine(audio, 700.0, MODEL_SAMPLE_RATE)
+    amplitude, residual = fit_sine(audio, 700.0, INPUT_SAMPLE_RATE)
     assert amplitude == pytest.approx(0.5, abs=2e-3) and residual < 1e-3
     assert load_audio(path, rate=24000).shape == (12000,)
 

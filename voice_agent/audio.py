@@ -3,7 +3,7 @@
 Contract:
 
 - `load_audio(path)` reads a WAV/FLAC (anything libsndfile reads) at any rate and channel count and returns
-  mono float32 at `MODEL_SAMPLE_RATE`, channels averaged, resampled here in numpy (no ffmpeg). Every
+  mono float32 at `INPUT_SAMPLE_RATE`, channels averaged, resampled here in numpy (no ffmpeg). Every
   failure is an `AudioInputError` naming the file: unreadable, empty, or longer than `max_seconds`.
 - `Resampler` is a streaming band-limited resampler (windowed-sinc, Kaiser window, polyphase); feeding it
   chunk by chunk gives the same samples as `resample` on the whole signal. `resample` is the one-shot form.
@@ -26,9 +26,20 @@ import soundfile as sf
 
 from voice_agent.errors import AudioInputError
 
-# ---- physics ------------------------------------------------------------------------------------------
-MODEL_SAMPLE_RATE = 16000  # Hz: what the Whisper encoder hears
-OUTPUT_SAMPLE_RATE = 24000  # Hz: what the HiFT vocoder writes
+# ---- physics (every rate, frame and PCM constant of the package; nothing else defines one) -------------
+INPUT_SAMPLE_RATE = 16_000  # Hz: what the Whisper encoder (and the VAD) hears
+OUTPUT_SAMPLE_RATE = 24_000  # Hz: what the HiFT vocoder writes
+INPUT_SAMPLES_PER_MS = INPUT_SAMPLE_RATE // 1000  # 16
+OUTPUT_SAMPLES_PER_MS = OUTPUT_SAMPLE_RATE // 1000  # 24
+MAX_INPUT_SECONDS = 30  # Whisper's window: the longest user turn the encoder takes
+MAX_INPUT_SAMPLES = MAX_INPUT_SECONDS * INPUT_SAMPLE_RATE  # 480000
+MAX_TURN_MS = MAX_INPUT_SECONDS * 1000  # a user turn is cut (ended as max_length) here
+MEL_FRAME_RATE_HZ = 50  # CosyVoice2 flow mel frames per second (HiFT input)
+SAMPLES_PER_MEL_FRAME = OUTPUT_SAMPLE_RATE // MEL_FRAME_RATE_HZ  # 480
+MEL_FRAMES_PER_UNIT = 2  # CosyVoice2 speech units run at 25 Hz, two mel frames each
+UNIT_RATE_HZ = MEL_FRAME_RATE_HZ // MEL_FRAMES_PER_UNIT  # 25 units per second
+UNIT_MS = 1000 // UNIT_RATE_HZ  # 40 ms of reply audio per speech unit
+SAMPLES_PER_UNIT = OUTPUT_SAMPLE_RATE // UNIT_RATE_HZ  # 960
 PCM16_BYTES = 2  # bytes per int16 sample
 PCM16_SCALE = 32768.0  # int16 full scale: float = int16 / PCM16_SCALE
 PCM16_MAX = int(PCM16_SCALE) - 1  # 32767
@@ -45,7 +56,7 @@ RESAMPLE_KAISER_BETA = 9.0  # Kaiser window shape: ~90 dB stopband attenuation
 
 # ---- files ----------------------------------------------------------------------------------------------
 def load_audio(
-    path: str | Path, *, rate: int = MODEL_SAMPLE_RATE, max_seconds: float | None = None
+    path: str | Path, *, rate: int = INPUT_SAMPLE_RATE, max_seconds: float | None = None
 ) -> np.ndarray:
     """Read an audio file as mono float32 at `rate` Hz: shape (N,).
 

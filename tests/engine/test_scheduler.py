@@ -25,7 +25,8 @@ def view(i: int, phase: TurnPhase, **kw: object) -> TurnView:
 
 
 def test_the_scheduler_imports_no_torch() -> None:
-    code = "import sys, voice_agent.engine.scheduler, voice_agent.engine.conversation; assert 'torch' not in sys.modules"
+    code = ("import sys, voice_agent.engine.scheduler, voice_agent.engine.conversation; "
+            "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -17,10 +17,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from voice_agent.audio import OUTPUT_SAMPLE_RATE
 from voice_agent.errors import VoiceAgentError
-
-INPUT_SAMPLE_RATE = 16_000  # Hz, user speech as the model takes it
-OUTPUT_SAMPLE_RATE = 24_000  # Hz, HiFT output
 
 
 class AdmissionError(VoiceAgentError):

@@ -42,9 +42,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from voice_agent.audio import UNIT_MS
 from voice_agent.engine.api import TurnRejected
-
-UNIT_MS = 40.0  # one CosyVoice2 unit = 2 mel frames = 960 samples at 24 kHz
 
 
 class ContextOverflow(TurnRejected):

@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from voice_agent.audio import INPUT_SAMPLE_RATE, MAX_INPUT_SAMPLES, MAX_INPUT_SECONDS
 from voice_agent.engine.api import (
-    INPUT_SAMPLE_RATE,
     AdmissionError,
     EngineEvent,
     EngineInfo,
@@ -65,12 +65,9 @@ from voice_agent.engine.api import (
 from voice_agent.engine.files import directory_voices, resolve_model_paths
 from voice_agent.engine.schedule import FINAL_UNIT_LIMIT
 from voice_agent.engine.scheduler import SchedulerConfig, SlotPool, slots_for_budget
-from voice_agent.model.mel import CHUNK_LENGTH
 
 log = logging.getLogger(__name__)
 
-MAX_INPUT_SECONDS = float(CHUNK_LENGTH)  # the Whisper window; longer turns are refused, never cut
-MAX_INPUT_SAMPLES = int(MAX_INPUT_SECONDS * INPUT_SAMPLE_RATE)
 RECENT_TURNS = 1024  # timings kept for metrics
 
 

@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from voice_agent.engine.api import OUTPUT_SAMPLE_RATE, EngineEvent, TurnSettings, TurnTimings
+from voice_agent.audio import OUTPUT_SAMPLES_PER_MS
+from voice_agent.engine.api import EngineEvent, TurnSettings, TurnTimings
 from voice_agent.engine.conversation import Conversation
 from voice_agent.engine.reply import ForcedLength, Reply
 from voice_agent.engine.scheduler import TurnPhase
-
-SAMPLES_PER_MS = OUTPUT_SAMPLE_RATE / 1000.0
 
 
 @dataclass
@@ -85,7 +84,7 @@ class TurnRun:
 
     @property
     def audio_ms(self) -> float:
-        return self.samples_sent / SAMPLES_PER_MS
+        return self.samples_sent / OUTPUT_SAMPLES_PER_MS
 
 
 def heard_of(reply: Reply) -> Heard:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from voice_agent.audio import INPUT_SAMPLE_RATE
 from voice_agent.engine.api import (
-    INPUT_SAMPLE_RATE,
     AudioChunk,
     EngineEvent,
     ResponseDone,

@@ -28,13 +28,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from voice_agent.audio import MODEL_SAMPLE_RATE
+from voice_agent.audio import INPUT_SAMPLE_RATE, MAX_INPUT_SECONDS
 
 # ---- physics ------------------------------------------------------------------------------------------
-SAMPLE_RATE = MODEL_SAMPLE_RATE  # 16000 Hz
+SAMPLE_RATE = INPUT_SAMPLE_RATE  # 16000 Hz
 N_FFT = 400  # samples per STFT window (25 ms)
 HOP_LENGTH = 160  # samples between frames (10 ms)
-CHUNK_LENGTH = 30  # seconds of audio per encoder input
+CHUNK_LENGTH = MAX_INPUT_SECONDS  # 30 seconds of audio per encoder input
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in 30 s
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in 30 s
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second

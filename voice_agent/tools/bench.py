@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from voice_agent.engine.api import INPUT_SAMPLE_RATE, AudioChunk, ResponseDone, TurnError, TurnSettings
+from voice_agent.audio import INPUT_SAMPLE_RATE
+from voice_agent.engine.api import AudioChunk, ResponseDone, TurnError, TurnSettings
 from voice_agent.serve.config import DTYPES
 
 WARMUP = (3, 5)  # text tokens, final units of the warm-up turn

@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voice_agent.audio import MODEL_SAMPLE_RATE, load_audio
+from voice_agent.audio import INPUT_SAMPLE_RATE, MAX_INPUT_SECONDS, load_audio
 from voice_agent.engine.reply import BlockOut, Reply, TextOut, decode_text, decode_tts, prefill
 from voice_agent.engine.schedule import FINAL_UNIT_LIMIT
-from voice_agent.model.mel import CHUNK_LENGTH
 from voice_agent.model.speech_lm import SpeechLM
 from voice_agent.model.tokenizer import Turn
 
-MAX_INPUT_SECONDS = float(CHUNK_LENGTH)  # the Whisper window: longer turns are refused, never silently cut
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 DUMP_ARRAYS = {
@@ -105,7 +103,7 @@ class ReplyVocoder:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    audio = load_audio(args.input, rate=MODEL_SAMPLE_RATE, max_seconds=MAX_INPUT_SECONDS)
+    audio = load_audio(args.input, rate=INPUT_SAMPLE_RATE, max_seconds=MAX_INPUT_SECONDS)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     lm = SpeechLM.load(args.model_dir, whisper_path=args.whisper, device=args.device,

@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from voice_agent.audio import Resampler, float_to_pcm16, pcm16_to_float
-from voice_agent.engine.api import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
+from voice_agent.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, Resampler, float_to_pcm16, pcm16_to_float
 from voice_agent.errors import VoiceAgentError
 from voice_agent.serve.protocols.events import (
     BAD_AUDIO,
