@@ -21,17 +21,16 @@ import numpy as np
 
 from voice_agent.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 from voice_agent.engine.api import (
-    AdmissionError,
     AudioChunk,
     EngineEvent,
     EngineInfo,
     ResponseDone,
     TextDelta,
     TurnError,
-    TurnRejected,
     TurnSettings,
     TurnTimings,
 )
+from voice_agent.errors import AdmissionError, TurnRejected
 
 FAKE_TONE_HZ = 330.0
 FAKE_AMPLITUDE = 0.2

@@ -9,10 +9,10 @@ from voice_agent.engine.conversation import (
     ContextPolicy,
     Conversation,
     PromptFormat,
-    PromptFormatError,
     Speech,
     heard_tokens,
 )
+from voice_agent.errors import PromptFormatError
 
 S = -200  # the speech placeholder
 HEAD, USER_TAIL, REPLY_TAIL = [1, 2, 3, 4], [5, 6, 7], [5, 8, 9]

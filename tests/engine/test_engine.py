@@ -13,20 +13,13 @@ import pytest
 import torch
 
 from voice_agent import __version__
-from voice_agent.engine.api import (
-    AdmissionError,
-    AudioChunk,
-    ResponseDone,
-    TextDelta,
-    TurnError,
-    TurnRejected,
-    TurnSettings,
-    UnitBlock,
-)
+from voice_agent.engine.api import AudioChunk, ResponseDone, TextDelta, TurnError, TurnSettings, UnitBlock
+from voice_agent.engine.build import build_engine
 from voice_agent.engine.files import demo_cache_dir
 from voice_agent.engine.reply import ForcedLength, Reply
-from voice_agent.engine.thread import Engine, EngineConfig, Models, build_engine
+from voice_agent.engine.thread import Engine, EngineConfig, Models
 from voice_agent.engine.worker import ModelWorker
+from voice_agent.errors import AdmissionError, TurnRejected
 from voice_agent.model.cosy2.decoder import Cosy2Decoder
 from voice_agent.model.speech_lm import SpeechLM
 from voice_agent.model.tiny import make_tiny
@@ -357,7 +350,7 @@ async def test_unpadded_encoder_input_reaches_the_model(tiny_root: Path, monkeyp
     from voice_agent.serve.config import ServerConfig
 
     monkeypatch.setenv("VOICE_AGENT_CACHE", str(tiny_root.parent))
-    engine = build_engine(ServerConfig(encoder_input="unpadded", max_sessions=1))
+    engine = build_engine(*ServerConfig(encoder_input="unpadded", max_sessions=1).engine_options())
     await engine.start()
     await asyncio.get_running_loop().run_in_executor(None, engine.wait_ready, 60.0)
     try:
@@ -374,7 +367,7 @@ async def test_build_engine_serves_the_demo_model_when_no_weights_exist(
     monkeypatch.setenv("VOICE_AGENT_CACHE", str(tiny_root.parent))
     monkeypatch.chdir(tmp_path)  # no models/ here
     assert demo_cache_dir() == tiny_root
-    engine = build_engine(ServerConfig(max_sessions=1))
+    engine = build_engine(*ServerConfig(max_sessions=1).engine_options())
     assert engine.info.demo and engine.info.model_name == "LLaMA-Omni2-tiny" and "en" in engine.info.voices
     assert not engine.ready
     await engine.start()
@@ -393,17 +386,18 @@ async def test_build_engine_serves_the_demo_model_when_no_weights_exist(
 
 
 def test_server_options_reach_the_engine(tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from voice_agent.serve.config import ConfigError, ServerConfig
+    from voice_agent.errors import ConfigError
+    from voice_agent.serve.config import ServerConfig
 
     monkeypatch.setenv("VOICE_AGENT_CACHE", str(tiny_root.parent))
-    engine = build_engine(ServerConfig(context_tokens=1024, kv_budget_mb=64, flow_context_units=0, max_sessions=3,
-                                       flow_cache="off"))
+    engine = build_engine(*ServerConfig(context_tokens=1024, kv_budget_mb=64, flow_context_units=0, max_sessions=3,
+                                       flow_cache="off").engine_options())
     assert engine.config.context_tokens == 1024
     assert engine.config.flow_cache is False
     assert engine.config.kv_budget_bytes == 64 * 2**20
     assert engine.config.flow_context_units is None  # 0: the reference's full recompute
     assert engine.config.max_sessions == 3
-    defaults = build_engine(ServerConfig()).config
+    defaults = build_engine(*ServerConfig().engine_options()).config
     assert (defaults.context_tokens, defaults.kv_budget_bytes, defaults.flow_context_units) == (None, None, 100)
     assert defaults.flow_cache is True
     with pytest.raises(ConfigError, match="flow-cache"):

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from voice_agent.engine.api import AdmissionError
 from voice_agent.engine.scheduler import (
     Scheduler,
     SchedulerConfig,
@@ -16,6 +15,7 @@ from voice_agent.engine.scheduler import (
     TurnView,
     slots_for_budget,
 )
+from voice_agent.errors import AdmissionError
 
 Q, G, F = TurnPhase.QUEUED, TurnPhase.GENERATING, TurnPhase.FLUSHING
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import regex
 
-from voice_agent.errors import CheckpointError
+from voice_agent.errors import CheckpointError, PromptError
 from voice_agent.model.tiny import PRETOKENIZE_PATTERN, byte_symbols, make_tiny
-from voice_agent.model.tokenizer import SPEECH_TOKEN_INDEX, OmniTokenizers, PromptError, Turn
+from voice_agent.model.tokenizer import SPEECH_TOKEN_INDEX, OmniTokenizers, Turn
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 SYSTEM = f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"

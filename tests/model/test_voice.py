@@ -10,9 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from voice_agent.errors import AudioInputError
+from voice_agent.errors import AudioInputError, VoiceError
 from voice_agent.model.cosy2.voice import (
-    VoiceError,
     campplus_embedding,
     campplus_features,
     kaldi_fbank,

@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 
 from voice_agent.audio import resample
+from voice_agent.errors import ProtocolError
 from voice_agent.serve.protocols.events import (
     AudioFrame,
-    AudioOut,
     ErrorEvent,
     Interrupted,
     InterruptRequest,
     PlaybackProgress,
-    ProtocolError,
+    ResponseAudio,
     ResponseFinished,
     ResponseStarted,
+    ResponseText,
     SessionStarted,
     SettingsUpdated,
     SpeechStarted,
     SpeechStopped,
     StartSession,
-    TextOut,
     UpdateSettings,
 )
 from voice_agent.serve.protocols.native import NativeProtocol, WireState
@@ -154,7 +154,7 @@ ENCODED = [
     (SpeechStopped(900.0, 780.0, True), {"type": "speech.stopped", "at_ms": 900.0, "duration_ms": 780.0,
                                          "turn": True, "reason": "silence"}),
     (ResponseStarted("resp_1"), {"type": "response.started", "response_id": "resp_1"}),
-    (TextOut("resp_1", "Hi"), {"type": "text.delta", "response_id": "resp_1", "text": "Hi"}),
+    (ResponseText("resp_1", "Hi"), {"type": "text.delta", "response_id": "resp_1", "text": "Hi"}),
     (ResponseFinished("resp_1", "eos", "Hi", 1234.567, {"first_audio": 310.0}),
      {"type": "response.done", "response_id": "resp_1", "reason": "eos", "text": "Hi", "audio_ms": 1234.57,
       "timings": {"first_audio": 310.0}}),
@@ -172,7 +172,7 @@ def test_server_events_encode(event: object, expected: dict) -> None:
 
 def test_audio_out_at_24k_is_pcm16_passthrough() -> None:
     x = np.array([0.0, 0.5, -0.5, 1.5], np.float32)
-    (message,) = opened().encode(AudioOut("resp_1", x, 0.0))
+    (message,) = opened().encode(ResponseAudio("resp_1", x, 0.0))
     assert isinstance(message, bytes)
     np.testing.assert_array_equal(np.frombuffer(message, "<i2"), [0, 16384, -16384, 32767])
 
@@ -181,7 +181,7 @@ def test_audio_out_at_48k_is_resampled_and_flushed_at_response_done() -> None:
     p = opened(output_sample_rate=48000)
     p.encode(ResponseStarted("resp_1"))
     x = (0.3 * np.sin(2 * np.pi * 440 * np.arange(24000) / 24000)).astype(np.float32)
-    blocks = [AudioOut("resp_1", x[i : i + 2400], 0.0) for i in range(0, 24000, 2400)]
+    blocks = [ResponseAudio("resp_1", x[i : i + 2400], 0.0) for i in range(0, 24000, 2400)]
     sizes = [len(m) for block in blocks for m in p.encode(block)]
     tail = p.encode(ResponseFinished("resp_1", "eos", "", 1000.0, {}))
     assert isinstance(tail[0], bytes) and json.loads(tail[1])["type"] == "response.done"

@@ -30,7 +30,7 @@ import uvicorn
 
 from voice_agent.audio import load_audio
 from voice_agent.engine.api import Engine
-from voice_agent.engine.thread import build_engine
+from voice_agent.engine.build import build_engine
 from voice_agent.serve.app import build_app, uvicorn_options
 from voice_agent.serve.config import ServerConfig
 
@@ -58,7 +58,7 @@ def engine_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[
     the 1024-unit final flush, about 40 s of audio, so the second utterance lands during playback)."""
     monkeypatch.chdir(tmp_path)  # no models/ here
     monkeypatch.setenv("VOICE_AGENT_CACHE", str(tmp_path / "cache"))
-    return lambda: build_engine(ServerConfig())
+    return lambda: build_engine(*ServerConfig().engine_options())
 
 
 def speak(text: str, path: Path) -> np.ndarray:

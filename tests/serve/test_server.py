@@ -21,8 +21,9 @@ import websockets
 from fakes import FakeEngine, silence, tone
 from websockets.asyncio.client import ClientConnection, connect
 
+from voice_agent.errors import ConfigError
 from voice_agent.serve.app import build_app, uvicorn_options
-from voice_agent.serve.config import ConfigError, ServerConfig
+from voice_agent.serve.config import ServerConfig
 
 KEY = "s3cret-key"
 

@@ -7,27 +7,20 @@ import pytest
 from fakes import FakeEnergyClassifier, silence, tone
 
 from voice_agent.engine.api import AudioChunk, ResponseDone, TextDelta, TurnError, TurnTimings
+from voice_agent.errors import SessionStateError, VadSettingsError
 from voice_agent.serve.protocols.events import (
-    AudioOut,
     ErrorEvent,
     Interrupted,
+    ResponseAudio,
     ResponseFinished,
     ResponseStarted,
+    ResponseText,
     SettingsUpdated,
     SpeechStarted,
     SpeechStopped,
-    TextOut,
 )
-from voice_agent.serve.session import (
-    CancelTurn,
-    Session,
-    SessionSettings,
-    SessionStateError,
-    SubmitTurn,
-    Trigger,
-    TurnState,
-)
-from voice_agent.serve.vad import TurnDetector, VadSettings, VadSettingsError
+from voice_agent.serve.session import CancelTurn, Session, SessionSettings, SubmitTurn, Trigger, TurnState
+from voice_agent.serve.vad import TurnDetector, VadSettings
 
 FRAME_MS = 20
 
@@ -90,9 +83,9 @@ def test_speech_then_silence_submits_a_turn() -> None:
 def test_engine_events_reach_the_client_and_playback_ends_the_response() -> None:
     s, c = make_session()
     rid = start_response(s, c).response_id
-    assert of(s.on_engine_event(rid, TextDelta("Hello"), c.now), TextOut) == [TextOut(rid, "Hello")]
+    assert of(s.on_engine_event(rid, TextDelta("Hello"), c.now), ResponseText) == [ResponseText(rid, "Hello")]
     audio = s.on_engine_event(rid, chunk(0.0), c.now)
-    assert isinstance(audio[0], AudioOut) and audio[0].start_ms == 0.0
+    assert isinstance(audio[0], ResponseAudio) and audio[0].start_ms == 0.0
     fin = of(s.on_engine_event(rid, done(text="Hello", audio_ms=500.0), c.now), ResponseFinished)[0]
     assert fin.reason == "eos" and fin.text == "Hello" and fin.audio_ms == 500.0
     assert fin.timings["end_of_turn_ms"] == 300.0 and fin.timings["first_audio"] == 100.0
@@ -123,7 +116,7 @@ def test_backchannel_shorter_than_min_interruption_is_ignored() -> None:
     assert [type(o) for o in out] == [SpeechStarted, SpeechStopped]
     assert of(out, SpeechStopped)[0].turn is False
     assert s.state is TurnState.RESPONDING
-    assert of(s.on_engine_event(rid, TextDelta("more"), c.now), TextOut)  # the response goes on
+    assert of(s.on_engine_event(rid, TextDelta("more"), c.now), ResponseText)  # the response goes on
 
 
 def test_barge_in_cancels_response_and_the_new_turn_waits_for_the_cancel() -> None:

@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 from fakes import FakeEnergyClassifier, silence, tone
 
+from voice_agent.errors import VadSettingsError, VadUnavailable
 from voice_agent.serve.vad import (
     SAMPLE_RATE_HZ,
     TurnDetector,
     VadSettings,
-    VadSettingsError,
     VadSpeechStarted,
     VadSpeechStopped,
     VadState,
-    VadUnavailable,
     make_classifier,
 )
 

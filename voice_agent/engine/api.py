@@ -18,19 +18,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from voice_agent.audio import OUTPUT_SAMPLE_RATE
-from voice_agent.errors import VoiceAgentError
-
-
-class AdmissionError(VoiceAgentError):
-    """The engine is full (sessions or KV memory); the reason says which limit was hit."""
-
-    code = "server_full"
-
-
-class TurnRejected(VoiceAgentError):
-    """A turn was refused: a turn is already running, the audio is unusable, or settings are invalid."""
-
-    code = "turn_rejected"
+from voice_agent.errors import TurnRejected
 
 
 @dataclass(frozen=True)

@@ -43,17 +43,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from voice_agent.audio import UNIT_MS
-from voice_agent.engine.api import TurnRejected
+from voice_agent.errors import PromptFormatError, TurnRejected
 
 
 class ContextOverflow(TurnRejected):
     """A turn that cannot fit in the session's context even with all earlier history dropped."""
 
     code = "context_overflow"
-
-
-class PromptFormatError(ValueError):
-    """The chat template does not render turns as a prefix-stable concatenation."""
 
 
 @dataclass(frozen=True)

@@ -53,19 +53,19 @@ class ForcedLength:
 
 
 @dataclass(frozen=True)
-class TextOut:
+class TextToken:
     token: int
     kind: Literal["text"] = "text"
 
 
 @dataclass(frozen=True)
-class UnitOut:
+class UnitToken:
     unit: int
     kind: Literal["unit"] = "unit"
 
 
 @dataclass(frozen=True)
-class BlockOut:
+class BlockEnd:
     """A TTS block ended; `units` are the units it wrote; `final` when it was the last block."""
 
     units: tuple[int, ...]
@@ -74,12 +74,12 @@ class BlockOut:
 
 
 @dataclass(frozen=True)
-class DoneOut:
+class ReplyEnd:
     reason: Literal["eos", "max_tokens"]
     kind: Literal["done"] = "done"
 
 
-ReplyOut = TextOut | UnitOut | BlockOut | DoneOut
+ReplyOut = TextToken | UnitToken | BlockEnd | ReplyEnd
 
 
 @dataclass
@@ -210,7 +210,7 @@ def _take_text(lm: SpeechLM, replies: Sequence[Reply], hidden: torch.Tensor, log
             reply.first_logits = logits[b].float().cpu()
         reply.text_ids.append(token)
         reply.hiddens.append(hidden[b])
-        reply.outbox.append(TextOut(token))
+        reply.outbox.append(TextToken(token))
         if token in eos_ids:
             reply.finish_reason = "eos"
         elif len(reply.text_ids) >= reply.max_new_tokens:
@@ -296,14 +296,14 @@ def decode_tts(lm: SpeechLM, replies: Sequence[Reply], tts_cache: KVCache, *, co
         eos = tts_id == lm.tok.tts_eos_id
         unit = None if eos else lm.tok.unit_of(tts_id)
         if unit is not None:
-            reply.outbox.append(UnitOut(unit))
+            reply.outbox.append(UnitToken(unit))
         block = reply.schedule.block
         if not reply.schedule.wrote(unit, eos=eos):
             assert block is not None
-            reply.outbox.append(BlockOut(tuple(reply.schedule.unit_blocks[-1]), block.final))
+            reply.outbox.append(BlockEnd(tuple(reply.schedule.unit_blocks[-1]), block.final))
             if block.final:
                 assert reply.finish_reason is not None
-                reply.outbox.append(DoneOut(reply.finish_reason))
+                reply.outbox.append(ReplyEnd(reply.finish_reason))
             else:
                 read = reply.schedule.next_read()
                 if read is not None:

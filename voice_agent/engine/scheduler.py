@@ -34,7 +34,7 @@ import threading
 from dataclasses import dataclass
 from enum import Enum
 
-from voice_agent.engine.api import AdmissionError
+from voice_agent.errors import AdmissionError
 
 GIB = 1 << 30
 

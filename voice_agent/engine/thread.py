@@ -52,19 +52,11 @@ from typing import Any
 import numpy as np
 
 from voice_agent.audio import INPUT_SAMPLE_RATE, MAX_INPUT_SAMPLES, MAX_INPUT_SECONDS
-from voice_agent.engine.api import (
-    AdmissionError,
-    EngineEvent,
-    EngineInfo,
-    ResponseDone,
-    TurnError,
-    TurnRejected,
-    TurnSettings,
-    TurnTimings,
-)
-from voice_agent.engine.files import directory_voices, resolve_model_paths
+from voice_agent.engine.api import EngineEvent, EngineInfo, ResponseDone, TurnError, TurnSettings, TurnTimings
+from voice_agent.engine.files import directory_voices
 from voice_agent.engine.schedule import FINAL_UNIT_LIMIT
 from voice_agent.engine.scheduler import SchedulerConfig, SlotPool, slots_for_budget
+from voice_agent.errors import AdmissionError, TurnRejected, error_code
 
 log = logging.getLogger(__name__)
 
@@ -427,39 +419,4 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - a bad command fails only its own turn
             log.exception("engine: command %s failed", type(command).__name__)
             if isinstance(command, _Submit):
-                command.emit(TurnError(getattr(e, "code", "engine_error"), str(e)))
-
-
-# ---------------------------------------------------------------- building the server's engine
-def build_engine(config: Any) -> Engine:
-    """The server's engine from a `ServerConfig` (model_dir, vocoder_dir, whisper, device, dtype,
-    max_sessions, voice). Nothing loads here: `start()` starts the model thread, which loads the model."""
-    import torch
-
-    paths = resolve_model_paths(config.model_dir, config.vocoder_dir, config.whisper)
-    dtype = getattr(torch, config.dtype)
-
-    def load() -> Models:
-        from voice_agent.model.cosy2.decoder import Cosy2Decoder
-        from voice_agent.model.speech_lm import SpeechLM
-
-        lm = SpeechLM.load(paths.model_dir, whisper_path=paths.whisper, device=config.device, dtype=dtype,
-                           unpadded=config.encoder_input == "unpadded")
-        decoder = Cosy2Decoder.load(paths.vocoder_dir, config.device) if paths.vocoder_dir else None
-        return Models(lm, decoder)
-
-    if paths.vocoder_dir is None:
-        log.warning("engine: no cosy2_decoder directory found; replies will have text and units but no audio")
-    voices = tuple(directory_voices(paths.vocoder_dir))
-    info = EngineInfo(paths.model_dir.name, paths.demo, config.device, config.dtype, voices)
-    engine_config = EngineConfig(
-        max_sessions=config.max_sessions,
-        default_voice=config.voice,
-        context_tokens=config.context_tokens or None,
-        kv_budget_bytes=config.kv_budget_mb * 2**20 or None,
-        flow_context_units=config.flow_context_units or None,
-        flow_cache=config.flow_cache == "on",
-    )
-    return Engine(load, engine_config, info)
-
-
+                command.emit(TurnError(error_code(e), str(e)))

@@ -34,18 +34,19 @@ from voice_agent.engine.conversation import ContextPolicy, Conversation, PromptF
 from voice_agent.engine.flow_cache import FlowCache
 from voice_agent.engine.flow_stream import max_cached_frames
 from voice_agent.engine.reply import (
-    BlockOut,
-    DoneOut,
+    BlockEnd,
     ForcedLength,
     Reply,
-    TextOut,
-    UnitOut,
+    ReplyEnd,
+    TextToken,
+    UnitToken,
     decode_text,
     decode_tts,
     prefill,
 )
 from voice_agent.engine.scheduler import Scheduler, TurnPhase, TurnView
 from voice_agent.engine.turns import SessionRun, StepStats, TurnRun, heard_of
+from voice_agent.errors import error_code
 from voice_agent.model.mel import HOP_LENGTH
 from voice_agent.model.qwen2 import KVCache
 from voice_agent.model.speech_lm import ENCODER_STRIDE
@@ -234,7 +235,7 @@ class ModelWorker:
             log.exception("engine: stage %s failed for %d turn(s)", stage.__name__, len(turns))
             for turn in turns:
                 if turn.id in self.turns:
-                    self._fail(turn, getattr(e, "code", "engine_error"), f"{type(e).__name__}: {e}")
+                    self._fail(turn, error_code(e), f"{type(e).__name__}: {e}")
 
     def _view(self, t: TurnRun, now: float) -> TurnView:
         r = t.reply
@@ -268,7 +269,7 @@ class ModelWorker:
                 spk = self._voice(s.voice) if self.decoder is not None else None
                 new = conv.begin_turn(Speech(features.row(i), features.lengths[i]), t.max_new_tokens)
             except Exception as e:  # noqa: BLE001 - a bad voice or an overlong turn fails this turn only
-                self._fail(t, getattr(e, "code", "turn_rejected"), str(e))
+                self._fail(t, error_code(e, "turn_rejected"), str(e))
                 continue
             t.begun = True
             ids, speech = _flatten(new.items)
@@ -311,20 +312,20 @@ class ModelWorker:
         W = self.lm.config.write_units
         now = time.monotonic()
         for out in t.reply.drain():
-            if isinstance(out, TextOut):
+            if isinstance(out, TextToken):
                 if t.timings.first_text is None:
                     t.timings.first_text = now
                 delta = t.detok.push(out.token)
                 if delta:
                     t.emit(TextDelta(delta))
-            elif isinstance(out, UnitOut):
+            elif isinstance(out, UnitToken):
                 t.pending_units.append(out.unit)
                 if len(t.pending_units) >= W:  # a long (final) block streams in chunks of W units
                     self._chunk(t, False, now)
-            elif isinstance(out, BlockOut):
+            elif isinstance(out, BlockEnd):
                 if t.pending_units or out.final:
                     self._chunk(t, out.final, now)
-            elif isinstance(out, DoneOut):
+            elif isinstance(out, ReplyEnd):
                 tail = t.detok.flush()
                 if tail:
                     t.emit(TextDelta(tail))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from voice_agent.errors import CheckpointError, VoiceAgentError
+from voice_agent.errors import CheckpointError, PromptError
 from voice_agent.model.config import OmniConfig
 from voice_agent.model.weights import read_json
 
@@ -54,12 +54,6 @@ OPTIONAL_JSON_FILES = {
     "tokenizer.json": "a tokenizers serialisation",
 }
 MERGES_FILE = "merges.txt"
-
-
-class PromptError(VoiceAgentError):
-    """A conversation that cannot be rendered into a LLaMA-Omni2 prompt."""
-
-    code = "prompt_error"
 
 
 @dataclass(frozen=True)

@@ -38,21 +38,30 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from voice_agent.engine.api import AdmissionError, Engine, EngineEvent, EngineSession, TurnError, TurnRejected
-from voice_agent.errors import VoiceAgentError
+from voice_agent.engine.api import Engine, EngineEvent, EngineSession, TurnError
+from voice_agent.errors import (
+    AdmissionError,
+    NoStart,
+    NotReady,
+    ProtocolError,
+    SlowClient,
+    TooManyErrors,
+    TurnRejected,
+    Unauthorized,
+    VoiceAgentError,
+)
 from voice_agent.serve.config import ServerConfig
 from voice_agent.serve.protocols.events import (
     AudioFrame,
-    AudioOut,
     ClientEvent,
     ErrorEvent,
     InterruptRequest,
     PlaybackProgress,
-    ProtocolError,
+    ResponseAudio,
+    ResponseText,
     ServerEvent,
     SessionStarted,
     StartSession,
-    TextOut,
     UpdateSettings,
 )
 from voice_agent.serve.protocols.native import NativeProtocol
@@ -76,26 +85,6 @@ CLOSE_TRY_AGAIN_LATER = 1013  # engine full or still loading
 CLOSE_SLOW_CLIENT = 4001  # the client did not read its messages
 CLOSE_TOO_MANY_ERRORS = 4002  # MAX_PROTOCOL_ERRORS bad messages
 CLOSE_NO_START = 4003  # no start message within START_TIMEOUT_S
-
-
-class Unauthorized(VoiceAgentError):
-    code = "unauthorized"
-
-
-class NotReady(VoiceAgentError):
-    code = "not_ready"
-
-
-class SlowClient(VoiceAgentError):
-    code = "slow_client"
-
-
-class NoStart(VoiceAgentError):
-    code = "start_timeout"
-
-
-class TooManyErrors(VoiceAgentError):
-    code = "too_many_errors"
 
 
 def close_for(exc: BaseException) -> tuple[int, ErrorEvent]:
@@ -307,7 +296,7 @@ class Connection:
 
     async def _send(self, events: list[ServerEvent]) -> None:
         for event in events:
-            droppable = event.response_id if isinstance(event, (AudioOut, TextOut)) else None
+            droppable = event.response_id if isinstance(event, (ResponseAudio, ResponseText)) else None
             if droppable is not None and droppable in self._dropped:
                 continue
             for message in self.protocol.encode(event):
@@ -406,14 +395,14 @@ def demo_banner(engine: Engine) -> str | None:
 
 
 def run_server(config: ServerConfig) -> None:
-    """Build the engine (voice_agent.engine.thread.build_engine) and serve it until interrupted."""
+    """Build the engine (voice_agent.engine.build) and serve it until interrupted."""
     import uvicorn
 
-    from voice_agent.engine.thread import build_engine
+    from voice_agent.engine.build import build_engine
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     make_classifier(config.session_defaults().vad)  # a missing VAD backend fails now, not per connection
-    engine = build_engine(config)
+    engine = build_engine(*config.engine_options())
     banner = demo_banner(engine)
     if banner:
         print("\n" + "!" * 72 + "\n" + banner + "\n" + "!" * 72 + "\n", flush=True)

@@ -16,19 +16,15 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from voice_agent.engine.api import TurnSettings
-from voice_agent.errors import VoiceAgentError
+from voice_agent.engine.build import ModelChoice
+from voice_agent.engine.thread import EngineConfig
+from voice_agent.errors import ConfigError, VoiceAgentError
 from voice_agent.serve.session import SessionSettings
 from voice_agent.serve.vad import VadSettings
 
 ENV_PREFIX = "VOICE_AGENT_"
 DTYPES = ("float32", "bfloat16", "float16")
 VAD_KINDS = ("webrtc", "silero")
-
-
-class ConfigError(VoiceAgentError):
-    """A server option or environment variable has an invalid value."""
-
-    code = "config_error"
 
 
 def _opt(
@@ -125,6 +121,20 @@ class ServerConfig:
         )
         return SessionSettings(vad=vad, turn=TurnSettings(voice=self.voice),
                                min_interruption_ms=self.min_interruption_ms)
+
+    def engine_options(self) -> tuple[ModelChoice, EngineConfig]:
+        """What `voice_agent.engine.build.build_engine` needs: the model to load and the engine's limits."""
+        model = ModelChoice(self.model_dir, self.vocoder_dir, self.whisper, self.device, self.dtype,
+                            unpadded=self.encoder_input == "unpadded")
+        engine = EngineConfig(
+            max_sessions=self.max_sessions,
+            default_voice=self.voice,
+            context_tokens=self.context_tokens or None,
+            kv_budget_bytes=self.kv_budget_mb * 2**20 or None,
+            flow_context_units=self.flow_context_units or None,
+            flow_cache=self.flow_cache == "on",
+        )
+        return model, engine
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -25,19 +25,20 @@ from enum import Enum
 import numpy as np
 
 from voice_agent.engine.api import AudioChunk, EngineEvent, ResponseDone, TextDelta, TurnError, TurnSettings
+from voice_agent.errors import SessionStateError, VadSettingsError
 from voice_agent.serve.protocols.events import (
-    AudioOut,
     ErrorEvent,
     Interrupted,
+    ResponseAudio,
     ResponseFinished,
     ResponseStarted,
+    ResponseText,
     ServerEvent,
     SettingsUpdated,
     SpeechStarted,
     SpeechStopped,
-    TextOut,
 )
-from voice_agent.serve.vad import TurnDetector, VadSettings, VadSettingsError, VadSpeechStarted, VadState
+from voice_agent.serve.vad import TurnDetector, VadSettings, VadSpeechStarted, VadState
 
 PLAYED_TOLERANCE_MS = 50.0  # a reported position this close to the end counts as "played it all"
 PLAYBACK_SLACK_S = 0.3  # client without reports: jitter buffer + network allowance after real time
@@ -122,10 +123,6 @@ _TRANSITIONS: dict[tuple[TurnState, Trigger], TurnState] = {
 }
 
 
-class SessionStateError(RuntimeError):
-    """A trigger arrived in a state that has no transition for it (a bug, not a client error)."""
-
-
 @dataclass
 class _Response:
     """One response's bookkeeping, from the end of the user's turn to the end of playback."""
@@ -203,11 +200,11 @@ class Session:
         if r is None and draining is None:
             return out  # a response that already ended
         if isinstance(event, TextDelta) and r is not None:
-            out.append(TextOut(response_id, event.text))
+            out.append(ResponseText(response_id, event.text))
         elif isinstance(event, AudioChunk) and r is not None:
             r.audio_ms = max(r.audio_ms, event.start_ms + event.duration_ms)
             r.play_end_at = max(r.play_end_at or now, now) + event.duration_ms / 1000.0
-            out.append(AudioOut(response_id, event.pcm, event.start_ms))
+            out.append(ResponseAudio(response_id, event.pcm, event.start_ms))
         elif isinstance(event, (ResponseDone, TurnError)):
             done = r if r is not None else draining
             assert done is not None

@@ -27,7 +27,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from voice_agent.errors import VoiceAgentError
+from voice_agent.errors import VadSettingsError, VadUnavailable
 
 SAMPLE_RATE_HZ = 16_000  # the detector's (and the model's) input rate
 SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000  # 16
@@ -35,18 +35,6 @@ WEBRTC_FRAME_MS = (10, 20, 30)  # the only frame lengths webrtcvad accepts
 SILERO_FRAME_SAMPLES = 512  # silero-vad's window at 16 kHz
 SILERO_FRAME_MS = SILERO_FRAME_SAMPLES // SAMPLES_PER_MS  # 32
 PCM16_FULL_SCALE = 32767.0
-
-
-class VadSettingsError(VoiceAgentError, ValueError):
-    """A VAD setting is out of range."""
-
-    code = "bad_vad_settings"
-
-
-class VadUnavailable(VoiceAgentError):
-    """The chosen VAD backend is not installed."""
-
-    code = "vad_unavailable"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from voice_agent.errors import VoiceAgentError
+from voice_agent.errors import DownloadError, VoiceAgentError
 
 MODELS = tuple(
     f"LLaMA-Omni2-{size}{suffix}"
@@ -50,10 +50,6 @@ WHISPER_URL = (
 WHISPER_PATH = Path("speech_encoder") / "large-v3.pt"
 PROMPT_URL = "https://raw.githubusercontent.com/ictnlp/LLaMA-Omni2/main/llama_omni2/inference/{name}"
 PROMPT_FILES = ("prompt_en.wav", "prompt_zh.wav")
-
-
-class DownloadError(VoiceAgentError):
-    code = "download_error"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from voice_agent.audio import INPUT_SAMPLE_RATE, MAX_INPUT_SECONDS, load_audio
-from voice_agent.engine.reply import BlockOut, Reply, TextOut, decode_text, decode_tts, prefill
+from voice_agent.engine.reply import BlockEnd, Reply, TextToken, decode_text, decode_tts, prefill
 from voice_agent.engine.schedule import FINAL_UNIT_LIMIT
 from voice_agent.model.speech_lm import SpeechLM
 from voice_agent.model.tokenizer import Turn
@@ -62,9 +62,9 @@ def run_reply(lm: SpeechLM, audio: np.ndarray, *, temperature: float | None, max
     prefill(lm, [reply], [embeds], llm_cache)
     while True:
         for out in reply.drain():
-            if isinstance(out, TextOut) and on_text:
+            if isinstance(out, TextToken) and on_text:
                 on_text(out.token)
-            elif isinstance(out, BlockOut) and on_block:
+            elif isinstance(out, BlockEnd) and on_block:
                 on_block(out)
         if reply.done:
             break
@@ -118,7 +118,7 @@ def run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(detok.push(token))
         sys.stdout.flush()
 
-    def on_block(block: BlockOut) -> None:
+    def on_block(block: BlockEnd) -> None:
         print(f" [+{len(block.units)} units]", end="", flush=True)
         if vocoder is not None:
             wav_chunks.append(vocoder.push(list(block.units), block.final))

@@ -31,7 +31,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from voice_agent.errors import AudioInputError, VoiceAgentError
+from voice_agent.errors import AudioInputError, VoiceError
 from voice_agent.model.weights import load_torch_file
 
 FBANK_RATE_HZ = 16_000
@@ -59,12 +59,6 @@ SPK2INFO_KEYS = ("flow_embedding", "embedding", "spk_emb", "llm_embedding")
 EMBEDDING_SUFFIXES = (".pt", ".npy", ".npz")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-class VoiceError(VoiceAgentError):
-    """A voice name or voice file cannot be turned into a speaker embedding."""
-
-    code = "voice_error"
 
 
 def kaldi_mel_scale(freq_hz: torch.Tensor) -> torch.Tensor:

@@ -15,20 +15,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from voice_agent.errors import VoiceAgentError
-
 if TYPE_CHECKING:
     from voice_agent.serve.session import SessionSettings
-
-
-class ProtocolError(VoiceAgentError):
-    """A client message could not be used. `code` is stable and machine-readable; `fatal` errors end
-    the connection, the others are reported and the session continues."""
-
-    def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.fatal = fatal
 
 
 # Error codes an adapter may raise (also the `code` of the wire `error` event).
@@ -132,13 +120,13 @@ class ResponseStarted:
 
 
 @dataclass(frozen=True)
-class TextOut:
+class ResponseText:
     response_id: str
     text: str
 
 
 @dataclass(frozen=True)
-class AudioOut:
+class ResponseAudio:
     """Reply audio, float32 mono at OUTPUT_SAMPLE_RATE; `start_ms` is its offset in the reply."""
 
     response_id: str
@@ -180,8 +168,8 @@ ServerEvent = (
     | SpeechStarted
     | SpeechStopped
     | ResponseStarted
-    | TextOut
-    | AudioOut
+    | ResponseText
+    | ResponseAudio
     | ResponseFinished
     | Interrupted
     | ErrorEvent

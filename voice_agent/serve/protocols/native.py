@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from voice_agent.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, Resampler, float_to_pcm16, pcm16_to_float
-from voice_agent.errors import VoiceAgentError
+from voice_agent.errors import ProtocolError, VoiceAgentError
 from voice_agent.serve.protocols.events import (
     BAD_AUDIO,
     BAD_FIELD,
@@ -37,22 +37,21 @@ from voice_agent.serve.protocols.events import (
     START_REQUIRED,
     UNKNOWN_TYPE,
     AudioFrame,
-    AudioOut,
     ClientEvent,
     ErrorEvent,
     Interrupted,
     InterruptRequest,
     PlaybackProgress,
-    ProtocolError,
+    ResponseAudio,
     ResponseFinished,
     ResponseStarted,
+    ResponseText,
     ServerEvent,
     SessionStarted,
     SettingsUpdated,
     SpeechStarted,
     SpeechStopped,
     StartSession,
-    TextOut,
     UpdateSettings,
 )
 from voice_agent.serve.session import SessionSettings
@@ -194,7 +193,7 @@ class NativeProtocol:
 
     def encode(self, event: ServerEvent) -> list[str | bytes]:
         """One server event -> the messages that carry it, in order."""
-        if isinstance(event, AudioOut):
+        if isinstance(event, ResponseAudio):
             pcm = event.pcm
             if self.output_sample_rate_hz != OUTPUT_SAMPLE_RATE:
                 if self._out is None:
@@ -229,7 +228,7 @@ def _wire(event: ServerEvent) -> dict[str, Any]:
                 "turn": event.turn, "reason": event.reason}
     if isinstance(event, ResponseStarted):
         return {"type": "response.started", "response_id": event.response_id}
-    if isinstance(event, TextOut):
+    if isinstance(event, ResponseText):
         return {"type": "text.delta", "response_id": event.response_id, "text": event.text}
     if isinstance(event, ResponseFinished):
         return {"type": "response.done", "response_id": event.response_id, "reason": event.reason,
