@@ -15,9 +15,10 @@ import torch
 from voice_agent import __version__
 from voice_agent.engine.api import AudioChunk, ResponseDone, TextDelta, TurnError, TurnSettings, UnitBlock
 from voice_agent.engine.build import build_engine
+from voice_agent.engine.config import EngineConfig, Models
 from voice_agent.engine.files import demo_cache_dir
 from voice_agent.engine.reply import ForcedLength, Reply
-from voice_agent.engine.thread import Engine, EngineConfig, Models
+from voice_agent.engine.thread import Engine
 from voice_agent.engine.worker import ModelWorker
 from voice_agent.errors import AdmissionError, TurnRejected
 from voice_agent.model.cosy2.decoder import Cosy2Decoder
@@ -159,7 +160,7 @@ def test_multi_turn_kv_reuse_equals_rerunning_the_whole_conversation(models: Mod
         conv = worker.sessions["s"].conversation
         assert conv is not None
         if drop_kv:
-            conv.drop_kv()  # the next prefill recomputes the whole conversation from position 0
+            conv.kv_len = 0  # no cached positions: the next prefill recomputes the whole conversation
         before = worker.stats.prefill_tokens
         second = submit(worker, "s", speech(5), 22, temperature=0.0)
         run(worker, {"s": second})

@@ -10,8 +10,9 @@ import logging
 from dataclasses import dataclass
 
 from voice_agent.engine.api import EngineInfo
+from voice_agent.engine.config import EngineConfig, Models
 from voice_agent.engine.files import directory_voices, resolve_model_paths
-from voice_agent.engine.thread import Engine, EngineConfig, Models
+from voice_agent.engine.thread import Engine
 
 log = logging.getLogger(__name__)
 

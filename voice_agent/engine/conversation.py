@@ -244,10 +244,6 @@ class Conversation:
         self.exchanges.pop()
         self.kv_len = min(self.kv_len, self.length)
 
-    def drop_kv(self) -> None:
-        """The slot's KV is no longer trusted: the next turn re-prefills the whole conversation."""
-        self.kv_len = 0
-
 
 def heard_tokens(played_ms: float, reads: Sequence[tuple[int, int]], unit_blocks: Sequence[int],
                  text_tokens: int, finished: bool) -> int:

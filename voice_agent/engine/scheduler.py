@@ -87,10 +87,6 @@ class StepPlan:
     vocode: tuple[int, ...] = ()
     max_batch: int = 256
 
-    @property
-    def empty(self) -> bool:
-        return not (self.admit or self.text or self.tts or self.vocode)
-
 
 def _rank(view: TurnView) -> tuple[bool, float, int]:
     return (view.started_audio, view.audio_ahead_ms if view.started_audio else 0.0, view.arrival)

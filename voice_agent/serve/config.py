@@ -17,7 +17,7 @@ from typing import Any
 
 from voice_agent.engine.api import TurnSettings
 from voice_agent.engine.build import ModelChoice
-from voice_agent.engine.thread import EngineConfig
+from voice_agent.engine.config import EngineConfig
 from voice_agent.errors import ConfigError, VoiceAgentError
 from voice_agent.serve.session import SessionSettings
 from voice_agent.serve.vad import VadSettings

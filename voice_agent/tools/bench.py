@@ -209,8 +209,9 @@ def bench_engine_main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from voice_agent.engine.api import EngineInfo
+    from voice_agent.engine.config import EngineConfig, Models
     from voice_agent.engine.reply import ForcedLength
-    from voice_agent.engine.thread import Engine, EngineConfig, Models
+    from voice_agent.engine.thread import Engine
 
     def load() -> Models:  # in the engine's model thread: torch runs in that one thread only
         lm, decoder, voices = _load(args)
