@@ -4,7 +4,7 @@ One thread (the model thread) owns the model, the KV caches and every session's 
 else touches them. It also loads the model: on a CPU, torch ops run from a second thread make OpenMP
 throttle its spinning, and batch-1 steps then run about 3x slower (measured), so keep other torch work
 (a torch VAD, say) out of the process's other threads or give them one thread. Sessions live on the
-asyncio side (`LocalSession`, the `EngineSession` of events.py): their calls only post commands to the
+asyncio side (`LocalSession`, the `EngineSession` of api.py): their calls only post commands to the
 model thread and never block the loop, and each turn's events come back through
 `loop.call_soon_threadsafe` into that turn's queue, read as an async iterator.
 

@@ -1,4 +1,4 @@
-"""What the model thread keeps per session and per turn in flight (runner.py drives them).
+"""What the model thread keeps per session and per turn in flight (worker.py drives them).
 
 `SessionRun`: a session's KV slot, its conversation and the last reply's cut points (`Heard`, for a cut that
 comes after the reply ended). `TurnRun`: one turn from submission to its last event: the reply being

@@ -1,6 +1,6 @@
 """The model side of the engine: every session's model state and the step, run by the model thread only.
 
-`ModelWorker` is synchronous and knows nothing of threads or asyncio: the engine (engine.py) calls
+`ModelWorker` is synchronous and knows nothing of threads or asyncio: the engine (thread.py) calls
 `open / submit / cancel / close` with commands from the sessions and `step()` in a loop; each turn's events
 leave through the `emit` callable it was submitted with. Tests drive it directly, step by step.
 
