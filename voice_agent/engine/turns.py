@@ -8,7 +8,7 @@ generated, the vocoder stream, unit chunks waiting for the vocoder and the audio
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,3 +90,10 @@ class TurnRun:
 def heard_of(reply: Reply) -> Heard:
     return Heard([(r.start, r.stop) for r in reply.reads], [len(b) for b in reply.schedule.unit_blocks],
                   len(reply.text_ids))
+
+
+def replies_of(turns: Sequence[TurnRun]) -> list[Reply]:
+    """The replies of turns a stage runs (every one has started)."""
+    replies = [t.reply for t in turns]
+    assert all(r is not None for r in replies), "a stage got a turn without a reply"
+    return replies  # type: ignore[return-value]

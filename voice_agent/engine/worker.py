@@ -30,6 +30,7 @@ from voice_agent.engine.api import (
     TurnTimings,
     UnitBlock,
 )
+from voice_agent.engine.config import EngineConfig, Models
 from voice_agent.engine.conversation import ContextPolicy, Conversation, PromptFormat, Speech, heard_tokens
 from voice_agent.engine.flow_cache import FlowCache
 from voice_agent.engine.flow_stream import max_cached_frames
@@ -45,7 +46,7 @@ from voice_agent.engine.reply import (
     prefill,
 )
 from voice_agent.engine.scheduler import Scheduler, TurnPhase, TurnView
-from voice_agent.engine.turns import SessionRun, StepStats, TurnRun, heard_of
+from voice_agent.engine.turns import SessionRun, StepStats, TurnRun, heard_of, replies_of
 from voice_agent.errors import error_code
 from voice_agent.model.mel import HOP_LENGTH
 from voice_agent.model.qwen2 import KVCache
@@ -55,12 +56,6 @@ from voice_agent.model.tokenizer import SPEECH_TOKEN_INDEX, Turn
 log = logging.getLogger(__name__)
 
 WARMUP_SESSION = "warm-up"
-
-
-def _replies(turns: Sequence[TurnRun]) -> list[Reply]:
-    replies = [t.reply for t in turns]
-    assert all(r is not None for r in replies), "a stage got a turn without a reply"
-    return replies  # type: ignore[return-value]
 
 
 def _flatten(items: Sequence[list[int] | Speech]) -> tuple[list[int], list[Any]]:
@@ -78,7 +73,8 @@ def _flatten(items: Sequence[list[int] | Speech]) -> tuple[list[int], list[Any]]
 class ModelWorker:
     """Sessions' model state, live turns, the static KV caches, and the step."""
 
-    def __init__(self, models: Any, config: Any, on_done: Callable[[TurnTimings], None] | None = None):
+    def __init__(self, models: Models, config: EngineConfig,
+                 on_done: Callable[[TurnTimings], None] | None = None):
         self.lm, self.decoder, self.config = models.lm, models.decoder, config
         self.voice_table: dict[str, torch.Tensor] = dict(models.voices)
         cfg = self.lm.config
@@ -280,10 +276,11 @@ class ModelWorker:
             t.reply_start = conv.length
             t.detok = lm.tok.detokenizer()
             if spk is not None:
+                assert self.decoder is not None
                 t.vocoder = self.decoder.stream(spk, s.seed, cfg.flow_context_units, cfg.flow_cache)
             ready.append(t)
         if ready:
-            prefill(lm, _replies(ready), embeds, self._llm_cache)
+            prefill(lm, replies_of(ready), embeds, self._llm_cache)
             self.stats.admitted += len(ready)
             self.stats.prefill_tokens += sum(e.shape[0] for e in embeds)
             for t in ready:
@@ -293,14 +290,14 @@ class ModelWorker:
                 self._drain(t)
 
     def _text(self, turns: list[TurnRun]) -> None:
-        decode_text(self.lm, _replies(turns), self._llm_cache)
+        decode_text(self.lm, replies_of(turns), self._llm_cache)
         self.stats.text_rows += len(turns)
         self.stats.text_calls += 1
         for t in turns:
             self._drain(t)
 
     def _tts(self, turns: list[TurnRun]) -> None:
-        decode_tts(self.lm, _replies(turns), self._tts_cache)
+        decode_tts(self.lm, replies_of(turns), self._tts_cache)
         self.stats.tts_rows += len(turns)
         self.stats.tts_calls += 1
         for t in turns:
@@ -401,5 +398,6 @@ class ModelWorker:
         if key in self.voice_table:
             return self.voice_table[key]
         if key not in self._voices:
+            assert self.decoder is not None, "voices need the cosy2_decoder"
             self._voices[key] = self.decoder.voice(key)
         return self._voices[key]
