@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from voice_agent.audio import resample
+from voice_agent.engine.api import TurnSettings
 from voice_agent.errors import ProtocolError
 from voice_agent.serve.protocols.events import (
     AudioFrame,
@@ -27,7 +28,7 @@ from voice_agent.serve.protocols.events import (
     UpdateSettings,
 )
 from voice_agent.serve.protocols.native import NativeProtocol, WireState
-from voice_agent.serve.session import SessionSettings
+from voice_agent.serve.settings import SessionSettings
 
 START = json.dumps({"type": "start"})
 
@@ -55,7 +56,13 @@ ERRORS = [
     ([], '{"type": "start", "frame_ms": 5}', "bad_field", "frame_ms: expected an integer 10..100"),
     ([], '{"type": "start", "sample_rate": 44100, "frame_ms": 25}', "bad_field", "whole samples at 44100 Hz"),
     ([], '{"type": "start", "vad": {"silence_ms": 5}}', "bad_field", "silence_ms: expected an int"),
-    ([], '{"type": "start", "vad": {"kind": "silero"}}', "bad_field", "vad: expected options among"),
+    ([], '{"type": "start", "vad": {"kind": "silero"}}', "bad_field",
+     "vad.kind: expected 'webrtc' (the server's detector), got 'silero'"),
+    ([], '{"type": "start", "vad": {"loudness": 3}}', "bad_field", "vad: expected options among"),
+    ([], '{"type": "start", "vad": {"max_turn_ms": 31000}}', "bad_field",
+     "max_turn_ms: expected an integer 1000..30000"),
+    ([], '{"type": "start", "temperature": "hot"}', "bad_field", "temperature: expected a number, got 'hot'"),
+    ([], '{"type": "start", "seed": 1.5}', "bad_field", "seed: expected an integer, got 1.5"),
     ([], '{"type": "start", "vad": [1]}', "bad_field", "vad: expected an object, got list"),
     ([], '{"type": "start", "temperature": 9}', "bad_field", "temperature expected in [0, 2], got 9"),
     ([], '{"type": "start", "voice": 3}', "bad_field", "voice: expected a string, got 3"),
@@ -144,12 +151,20 @@ def test_audio_at_48k_is_resampled_to_16k_streaming() -> None:
     np.testing.assert_allclose(out, reference[: len(out)], atol=1e-5)
 
 
+# The wire form of SessionSettings() (what session.started echoes and `update` accepts).
+DEFAULT_SETTINGS_JSON = {
+    "vad": {"kind": "webrtc", "aggressiveness": 2, "frame_ms": 20, "speech_start_ms": 150, "silence_ms": 500,
+            "prefix_padding_ms": 300, "max_turn_ms": 30000, "silero_threshold": 0.5, "min_interruption_ms": 400},
+    "voice": None, "temperature": None, "max_new_tokens": None, "seed": None,
+}
+
 # (server event, expected JSON)
 ENCODED = [
-    (SessionStarted("s1", 16000, 24000, 20, "m", True, {"a": 1}),
+    (SessionStarted("s1", 16000, 24000, 20, "m", True, SessionSettings()),
      {"type": "session.started", "session_id": "s1", "sample_rate": 16000, "output_sample_rate": 24000,
-      "frame_ms": 20, "model": "m", "demo": True, "settings": {"a": 1}}),
-    (SettingsUpdated({"voice": "x"}), {"type": "session.updated", "settings": {"voice": "x"}}),
+      "frame_ms": 20, "model": "m", "demo": True, "settings": DEFAULT_SETTINGS_JSON}),
+    (SettingsUpdated(SessionSettings(turn=TurnSettings(voice="x"))),
+     {"type": "session.updated", "settings": {**DEFAULT_SETTINGS_JSON, "voice": "x"}}),
     (SpeechStarted(120.0), {"type": "speech.started", "at_ms": 120.0}),
     (SpeechStopped(900.0, 780.0, True), {"type": "speech.stopped", "at_ms": 900.0, "duration_ms": 780.0,
                                          "turn": True, "reason": "silence"}),

@@ -219,9 +219,9 @@ async def test_too_many_bad_messages_close_the_connection() -> None:
 
 
 async def test_a_connection_that_never_starts_is_closed(monkeypatch) -> None:
-    import voice_agent.serve.app as server
+    import voice_agent.serve.protocols.native as native
 
-    monkeypatch.setattr(server, "START_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(native, "START_TIMEOUT_S", 0.3)
     async with serve(FakeEngine()) as addr, client(addr) as c:
         with pytest.raises(websockets.ConnectionClosed) as info:
             await c.until("never")

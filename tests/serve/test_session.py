@@ -19,7 +19,8 @@ from voice_agent.serve.protocols.events import (
     SpeechStarted,
     SpeechStopped,
 )
-from voice_agent.serve.session import CancelTurn, Session, SessionSettings, SubmitTurn, Trigger, TurnState
+from voice_agent.serve.session import CancelTurn, Session, SubmitTurn, Trigger, TurnState
+from voice_agent.serve.settings import SessionSettings
 from voice_agent.serve.vad import TurnDetector, VadSettings
 
 FRAME_MS = 20

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from fakes import FakeEnergyClassifier, silence, tone
 
+from voice_agent.audio import INPUT_SAMPLE_RATE
 from voice_agent.errors import VadSettingsError, VadUnavailable
 from voice_agent.serve.vad import (
-    SAMPLE_RATE_HZ,
     TurnDetector,
     VadSettings,
     VadSpeechStarted,
@@ -82,7 +82,7 @@ def test_turn_audio_has_prefix_padding_and_trimmed_trailing_silence() -> None:
     events = run(det, np.concatenate([silence(1000), tone(700), silence(800)]))
     stop = next(e for e in events if isinstance(e, VadSpeechStopped))
     # 300 ms before speech + 700 ms speech + 300 ms of trailing pad (symmetric with the prefix)
-    assert len(stop.audio) == int(1.3 * SAMPLE_RATE_HZ)
+    assert len(stop.audio) == int(1.3 * INPUT_SAMPLE_RATE)
     assert np.abs(stop.audio[: 300 * 16]).max() == 0.0
     assert np.abs(stop.audio[300 * 16 : 1000 * 16]).min() >= 0.0 and np.abs(stop.audio[310 * 16]) > 0
 
@@ -116,7 +116,7 @@ def test_max_turn_length_cuts_the_turn() -> None:
     events = run(det, tone(2500))
     stops = [e for e in events if isinstance(e, VadSpeechStopped)]
     assert stops[0].reason == "max_length"
-    assert len(stops[0].audio) == SAMPLE_RATE_HZ
+    assert len(stops[0].audio) == INPUT_SAMPLE_RATE
     assert det.state is VadState.SPEECH  # the speech goes on: a new turn started after the cut
 
 
@@ -150,7 +150,7 @@ def test_silero_without_package_gives_clear_error(monkeypatch: pytest.MonkeyPatc
 def test_silero_ignores_white_noise_that_webrtcvad_calls_speech() -> None:
     pytest.importorskip("silero_vad")
     settings = VadSettings(kind="silero", speech_start_ms=64, silence_ms=300)
-    noise = np.random.default_rng(0).normal(0, 0.1, SAMPLE_RATE_HZ).astype(np.float32)
+    noise = np.random.default_rng(0).normal(0, 0.1, INPUT_SAMPLE_RATE).astype(np.float32)
     assert run(TurnDetector(settings), noise) == []
     assert [type(e) for e in run(TurnDetector(VadSettings(speech_start_ms=60)), noise)] == [VadSpeechStarted]
 
@@ -163,6 +163,6 @@ def test_silero_finds_real_speech_and_its_end(tmp_path) -> None:
     wav = tmp_path / "s.wav"
     subprocess.run(["espeak-ng", "-w", str(wav), "Hello there, how are you doing today?"], check=True)
     speech = load_audio(str(wav))
-    audio = np.concatenate([np.zeros(SAMPLE_RATE_HZ // 2, np.float32), speech, np.zeros(SAMPLE_RATE_HZ, np.float32)])
+    audio = np.concatenate([silence(500), speech, silence(1000)])
     events = run(TurnDetector(VadSettings(kind="silero", speech_start_ms=64, silence_ms=500)), audio)
     assert [type(e) for e in events][:1] == [VadSpeechStarted] and type(events[-1]).__name__ == "VadSpeechStopped"

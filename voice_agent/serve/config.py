@@ -15,11 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from voice_agent.audio import MAX_TURN_MS
 from voice_agent.engine.api import TurnSettings
 from voice_agent.engine.build import ModelChoice
 from voice_agent.engine.config import EngineConfig
 from voice_agent.errors import ConfigError, VoiceAgentError
-from voice_agent.serve.session import SessionSettings
+from voice_agent.serve.settings import SessionSettings
 from voice_agent.serve.vad import VadSettings
 
 ENV_PREFIX = "VOICE_AGENT_"
@@ -70,11 +71,13 @@ class ServerConfig:
     speech_start_ms: int = _opt(150, "voiced audio before speech counts as started (ms)", int)
     silence_ms: int = _opt(500, "silence that ends the user's turn (ms)", int)
     prefix_padding_ms: int = _opt(300, "audio kept before the start of speech (ms)", int)
-    max_turn_ms: int = _opt(30_000, "a user turn is cut at this length (ms)", int)
+    max_turn_ms: int = _opt(MAX_TURN_MS, "a user turn is cut at this length, prefix padding included (ms; at "
+                                          f"most {MAX_TURN_MS}, Whisper's window)", int)
     min_interruption_ms: int = _opt(400, "user speech during a reply shorter than this does not "
                                          "interrupt it (ms)", int)
-    send_queue_messages: int = _opt(256, "per-connection outgoing queue length (messages)", int)
-    slow_client_ms: int = _opt(2000, "a client whose queue stays full this long is closed (ms)", int)
+    send_queue_messages: int = _opt(256, "unsent messages at which a client counts as behind; a connection's "
+                                         "backlog never exceeds twice this", int)
+    slow_client_ms: int = _opt(2000, "a client that stays behind this long is closed (ms)", int)
     static_dir: str | None = _opt(None, "directory of the bundled page (default: the package's static/)")
     log_level: str = _opt("info", "log level", choices=("critical", "error", "warning", "info", "debug"))
 

@@ -19,13 +19,13 @@ States (`TurnState`, transitions in `_TRANSITIONS`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
 
 from voice_agent.engine.api import AudioChunk, EngineEvent, ResponseDone, TextDelta, TurnError, TurnSettings
-from voice_agent.errors import SessionStateError, VadSettingsError
+from voice_agent.errors import SessionStateError
 from voice_agent.serve.protocols.events import (
     ErrorEvent,
     Interrupted,
@@ -38,38 +38,12 @@ from voice_agent.serve.protocols.events import (
     SpeechStarted,
     SpeechStopped,
 )
+from voice_agent.serve.settings import SessionSettings
 from voice_agent.serve.vad import TurnDetector, VadSettings, VadSpeechStarted, VadState
 
 PLAYED_TOLERANCE_MS = 50.0  # a reported position this close to the end counts as "played it all"
 PLAYBACK_SLACK_S = 0.3  # client without reports: jitter buffer + network allowance after real time
 REPORT_TIMEOUT_S = 3.0  # client with reports: give up waiting for the final report after this
-MAX_MIN_INTERRUPTION_MS = 10_000
-
-
-@dataclass(frozen=True)
-class SessionSettings:
-    """Everything a client may tune per session: turn detection, barge-in, and per-turn model settings."""
-
-    vad: VadSettings = field(default_factory=VadSettings)
-    turn: TurnSettings = field(default_factory=TurnSettings)
-    min_interruption_ms: int = 400  # user speech during a response shorter than this is ignored
-
-    def __post_init__(self) -> None:
-        m = self.min_interruption_ms
-        if not (isinstance(m, int) and not isinstance(m, bool) and 0 <= m <= MAX_MIN_INTERRUPTION_MS):
-            raise VadSettingsError(
-                f"min_interruption_ms: expected an integer 0..{MAX_MIN_INTERRUPTION_MS}, got {m!r}"
-            )
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "vad": self.vad.as_dict(),
-            "voice": self.turn.voice,
-            "temperature": self.turn.temperature,
-            "max_new_tokens": self.turn.max_new_tokens,
-            "seed": self.turn.seed,
-            "min_interruption_ms": self.min_interruption_ms,
-        }
 
 
 @dataclass(frozen=True)
@@ -248,7 +222,7 @@ class Session:
         if settings.vad != self.settings.vad:
             self._next_vad = settings.vad
         self.settings = settings
-        return [SettingsUpdated(settings.as_dict())]
+        return [SettingsUpdated(settings)]
 
     # ---- internals -------------------------------------------------------------------------------
 

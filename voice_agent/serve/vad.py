@@ -10,7 +10,9 @@ Rules (all durations are settings, see `VadSettings`):
 - the turn ends at the end of the frame in which the run of unvoiced frames reaches `silence_ms`, i.e.
   never more than one frame after the silence limit; silence is counted from the first frame the
   classifier calls unvoiced (webrtcvad itself holds "speech" for a few frames after energy stops);
-- a turn longer than `max_turn_ms` is cut there (reason "max_length").
+- a turn is cut (reason "max_length") when its audio, prefix padding included, reaches `max_turn_ms`
+  rounded down to whole frames; `max_turn_ms` is at most `voice_agent.audio.MAX_TURN_MS` (Whisper's 30-s
+  window), so a turn's audio never exceeds `MAX_INPUT_SAMPLES` and the engine always takes it.
 
 Classifiers: webrtcvad (default; 10/20/30 ms frames, aggressiveness 0-3) calls steady noise and tones
 speech, so noisy rooms should use silero-vad (`kind="silero"`, 32 ms frames, probability threshold),
@@ -21,20 +23,18 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from typing import Literal, Protocol
 
 import numpy as np
 
+from voice_agent.audio import INPUT_SAMPLE_RATE, INPUT_SAMPLES_PER_MS, MAX_INPUT_SAMPLES, MAX_TURN_MS, float_to_pcm16
 from voice_agent.errors import VadSettingsError, VadUnavailable
 
-SAMPLE_RATE_HZ = 16_000  # the detector's (and the model's) input rate
-SAMPLES_PER_MS = SAMPLE_RATE_HZ // 1000  # 16
 WEBRTC_FRAME_MS = (10, 20, 30)  # the only frame lengths webrtcvad accepts
-SILERO_FRAME_SAMPLES = 512  # silero-vad's window at 16 kHz
-SILERO_FRAME_MS = SILERO_FRAME_SAMPLES // SAMPLES_PER_MS  # 32
-PCM16_FULL_SCALE = 32767.0
+SILERO_FRAME_SAMPLES = 512  # silero-vad's window at 16 kHz (32 ms)
+MIN_TURN_MS = 1_000  # the shortest max_turn_ms a client may choose
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class VadSettings:
     speech_start_ms: int = 150  # consecutive voiced audio before speech "starts"
     silence_ms: int = 500  # unvoiced audio that ends the turn
     prefix_padding_ms: int = 300  # audio kept before the start of speech
-    max_turn_ms: int = 30_000  # a turn is cut here (Whisper's window is 30 s)
+    max_turn_ms: int = MAX_TURN_MS  # a turn is cut here (Whisper's window)
     silero_threshold: float = 0.5  # speech probability above which a silero frame is voiced
 
     def __post_init__(self) -> None:
@@ -61,18 +61,14 @@ class VadSettings:
         if self.kind == "webrtc":
             need(self.frame_ms in WEBRTC_FRAME_MS, "frame_ms", f"one of {WEBRTC_FRAME_MS}", self.frame_ms)
         for name, lo, hi in (("speech_start_ms", 0, 2_000), ("silence_ms", 50, 10_000),
-                             ("prefix_padding_ms", 0, 2_000), ("max_turn_ms", 1_000, 120_000)):
+                             ("prefix_padding_ms", 0, 2_000), ("max_turn_ms", MIN_TURN_MS, MAX_TURN_MS)):
             value = getattr(self, name)
             need(_is_int(value) and lo <= value <= hi, name, f"an integer {lo}..{hi}", value)
+        lead_ms = self.prefix_padding_ms + self.speech_start_ms
+        need(self.max_turn_ms > lead_ms, "max_turn_ms",
+             f"more than prefix_padding_ms + speech_start_ms ({lead_ms})", self.max_turn_ms)
         need(isinstance(self.silero_threshold, (int, float)) and 0.0 < self.silero_threshold < 1.0,
              "silero_threshold", "a number in (0, 1)", self.silero_threshold)
-
-    @property
-    def effective_frame_ms(self) -> int:
-        return SILERO_FRAME_MS if self.kind == "silero" else self.frame_ms
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def _is_int(x: object) -> bool:
@@ -94,11 +90,10 @@ class WebrtcClassifier:
         import webrtcvad
 
         self._vad = webrtcvad.Vad(aggressiveness)
-        self.frame_samples = frame_ms * SAMPLES_PER_MS
+        self.frame_samples = frame_ms * INPUT_SAMPLES_PER_MS
 
     def is_speech(self, frame: np.ndarray) -> bool:
-        pcm = (np.clip(frame, -1.0, 1.0) * PCM16_FULL_SCALE).astype("<i2")
-        return bool(self._vad.is_speech(pcm.tobytes(), SAMPLE_RATE_HZ))
+        return bool(self._vad.is_speech(float_to_pcm16(frame), INPUT_SAMPLE_RATE))  # rounded, clipped int16
 
 
 class SileroClassifier:
@@ -126,7 +121,7 @@ class SileroClassifier:
 
     def is_speech(self, frame: np.ndarray) -> bool:
         x = self._torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32))
-        return float(self._model(x, SAMPLE_RATE_HZ).item()) >= self.threshold
+        return float(self._model(x, INPUT_SAMPLE_RATE).item()) >= self.threshold
 
 
 def make_classifier(settings: VadSettings) -> VoiceClassifier:
@@ -169,11 +164,14 @@ class TurnDetector:
         self.settings = settings
         self._clf = classifier if classifier is not None else make_classifier(settings)
         self._n = self._clf.frame_samples
-        self._frame_ms = self._n / SAMPLES_PER_MS
+        self._frame_ms = self._n / INPUT_SAMPLES_PER_MS
         self._start_frames = max(1, math.ceil(settings.speech_start_ms / self._frame_ms))
         self._stop_frames = max(1, math.ceil(settings.silence_ms / self._frame_ms))
         self._pad_frames = math.ceil(settings.prefix_padding_ms / self._frame_ms)
-        self._max_frames = math.ceil(settings.max_turn_ms / self._frame_ms)
+        self._max_frames = settings.max_turn_ms * INPUT_SAMPLES_PER_MS // self._n  # whole frames that fit
+        assert self._max_frames * self._n <= MAX_INPUT_SAMPLES, (
+            f"expected a turn of at most {MAX_INPUT_SAMPLES} samples, got {self._max_frames} frames of {self._n}"
+        )
         self._pending = np.zeros(0, dtype=np.float32)  # samples not yet a whole frame
         self._frames_seen = 0
         self.state = VadState.SILENCE
@@ -185,11 +183,6 @@ class TurnDetector:
         self._speech_start_frame = 0
         self._last_voiced_frame = 0
         self._unvoiced_run = 0
-
-    @property
-    def stream_ms(self) -> float:
-        """Milliseconds of audio classified so far."""
-        return self._frames_seen * self._frame_ms
 
     @property
     def voiced_ms(self) -> float:
@@ -240,7 +233,8 @@ class TurnDetector:
 
     def _stop(self, index: int, reason: Literal["silence", "max_length"]) -> VadSpeechStopped:
         keep = len(self._turn) - max(0, self._unvoiced_run - self._pad_frames)  # trim trailing silence
-        audio = np.concatenate(self._turn[:keep]) if keep > 0 else np.zeros(0, np.float32)
+        frames = self._turn[:keep][-self._max_frames :]  # padding rounded up to frames may not all fit
+        audio = np.concatenate(frames) if frames else np.zeros(0, np.float32)
         event = VadSpeechStopped(
             at_ms=(self._last_voiced_frame + 1) * self._frame_ms,
             detected_ms=(index + 1) * self._frame_ms,

@@ -1,23 +1,22 @@
 """Transport-independent events that every protocol adapter translates to and from.
 
-A protocol adapter (`protocols/native.py`, later OpenAI Realtime or telephony adapters) is Sans-I/O: it
-turns wire messages into `ClientEvent`s and `ServerEvent`s into wire messages, and raises
-`ProtocolError` (with a stable `code`) for anything malformed. `voice_agent.serve.session` consumes client
-events and produces server events; `voice_agent.serve.app` moves bytes. Audio inside these events is
-always float32 mono: 16 kHz from the client (`INPUT_SAMPLE_RATE`), 24 kHz to the client
-(`OUTPUT_SAMPLE_RATE`); adapters resample to and from whatever rate the wire carries.
+A protocol adapter (`WireAdapter` in `protocols/adapter.py`; `protocols/native.py`, later OpenAI Realtime or
+telephony adapters) is Sans-I/O: it turns wire messages into `ClientEvent`s and `ServerEvent`s into wire
+messages, and raises `ProtocolError` (with a stable `code`) for anything malformed.
+`voice_agent.serve.session` consumes client events and produces server events;
+`voice_agent.serve.connection` moves bytes. Settings travel as `SessionSettings`, never in a wire shape.
+Audio inside these events is always float32 mono: 16 kHz from the client (`INPUT_SAMPLE_RATE`), 24 kHz to
+the client (`OUTPUT_SAMPLE_RATE`); adapters resample to and from whatever rate the wire carries.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from voice_agent.serve.session import SessionSettings
-
+from voice_agent.serve.settings import SessionSettings
 
 # Error codes an adapter may raise (also the `code` of the wire `error` event).
 BAD_JSON = "bad_json"  # a text message that is not JSON
@@ -88,12 +87,12 @@ class SessionStarted:
     frame_ms: int
     model: str
     demo: bool
-    settings: dict[str, object] = field(default_factory=dict)
+    settings: SessionSettings
 
 
 @dataclass(frozen=True)
 class SettingsUpdated:
-    settings: dict[str, object]
+    settings: SessionSettings
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,19 @@ One `NativeProtocol` per connection. `decode(message)` takes a text (JSON) or bi
 client events or raises `ProtocolError` with a stable code; `encode(event)` returns the text / binary
 messages for a server event. It keeps the connection's wire state: whether `start` was seen, the
 client's sample rates and frame size, the current settings (so `update` can override them), and the
-streaming resamplers between the client's rates and the model's 16 kHz in / 24 kHz out.
+streaming resamplers between the client's rates and the model's 16 kHz in / 24 kHz out. It implements
+`voice_agent.serve.protocols.adapter.WireAdapter`: the session opens with the `start` message, which must
+come within START_TIMEOUT_S; a key may come in `start` (never in the URL, to keep it out of logs).
+
+Settings on the wire (`settings_json`, and `_settings` reading `start` / `update`): {"vad": {every
+VadSettings field, plus min_interruption_ms}, "voice", "temperature", "max_new_tokens", "seed"}. What
+`session.started` / `session.updated` echo is accepted unchanged by `update` and gives the same settings.
+`vad.kind` is the server's choice (`--vad`): accepted when equal to it, refused otherwise.
+`vad.silero_threshold` is a per-session option like the others; it is used only when the server's
+detector is silero, as `aggressiveness` and `frame_ms` are used only by webrtcvad.
 
 Wire format (full description and an example exchange: docs/protocol.md):
-- client text: {"type": "start" | "update" | "playback" | "interrupt", ...}
+- client text: {"type": "start" | "update" | "playback" | "interrupt", ...}; `start` first, exactly once
 - client binary: PCM16 little-endian mono at the start message's `sample_rate`, at most
   MAX_FRAMES_PER_MESSAGE frames of `frame_ms` per message
 - server text: {"type": "session.started" | "session.updated" | "speech.started" | "speech.stopped" |
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
@@ -54,18 +64,25 @@ from voice_agent.serve.protocols.events import (
     StartSession,
     UpdateSettings,
 )
-from voice_agent.serve.session import SessionSettings
+from voice_agent.serve.settings import SessionSettings
 
+START_TIMEOUT_S = 10.0  # a connection must send its start message within this
 SAMPLE_RATES_HZ = (8_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000)  # accepted client rates
 FRAME_MS_RANGE = (10, 100)  # a client frame is 10..100 ms of audio
 DEFAULT_FRAME_MS = 20
 MAX_FRAMES_PER_MESSAGE = 4  # a binary message may carry a few frames (a sender catching up)
 PCM16_BYTES = 2
 CLIENT_MESSAGE_TYPES = ("start", "update", "playback", "interrupt")
-# Options of the start/update message's "vad" object; min_interruption_ms lives on SessionSettings.
-VAD_OPTIONS = ("aggressiveness", "frame_ms", "speech_start_ms", "silence_ms", "prefix_padding_ms",
-               "max_turn_ms", "min_interruption_ms")
-TURN_OPTIONS = ("voice", "temperature", "max_new_tokens", "seed")
+# Options of the "vad" object: the VadSettings fields, and min_interruption_ms (on SessionSettings).
+VAD_OPTIONS = ("kind", "aggressiveness", "frame_ms", "speech_start_ms", "silence_ms", "prefix_padding_ms",
+               "max_turn_ms", "silero_threshold", "min_interruption_ms")
+# Top-level options: the TurnSettings fields, each a JSON type or null (the server's default).
+TURN_OPTIONS: dict[str, tuple[tuple[type, ...], str]] = {
+    "voice": ((str,), "a string"),
+    "temperature": ((int, float), "a number"),
+    "max_new_tokens": ((int,), "an integer"),
+    "seed": ((int,), "an integer"),
+}
 
 
 class WireState(Enum):
@@ -83,8 +100,15 @@ class NativeProtocol:
         self.sample_rate_hz = INPUT_SAMPLE_RATE
         self.output_sample_rate_hz = OUTPUT_SAMPLE_RATE
         self.frame_ms = DEFAULT_FRAME_MS
+        self.start_timeout_s = START_TIMEOUT_S
         self._in: Resampler | None = None
         self._out: Resampler | None = None
+
+    def handshake_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+        return None  # a key goes in the Authorization header or the start message, never in the URL
+
+    def on_accept(self) -> list[ClientEvent]:
+        return []  # the session opens with the start message
 
     @property
     def max_message_bytes(self) -> int:
@@ -155,10 +179,16 @@ class NativeProtocol:
         unknown = sorted(set(vad) - set(VAD_OPTIONS))
         if unknown:
             raise ProtocolError(BAD_FIELD, f"vad: expected options among {VAD_OPTIONS}, got {unknown}")
-        vad_changes = {k: v for k, v in vad.items() if k != "min_interruption_ms"}
+        if "kind" in vad and vad["kind"] != base.vad.kind:
+            raise ProtocolError(
+                BAD_FIELD, f"vad.kind: expected {base.vad.kind!r} (the server's detector), got {vad['kind']!r}"
+            )
+        vad_changes = {k: v for k, v in vad.items() if k not in ("kind", "min_interruption_ms")}
         turn_changes = {k: obj[k] for k in TURN_OPTIONS if k in obj}
-        if "voice" in turn_changes and not isinstance(turn_changes["voice"], (str, type(None))):
-            raise ProtocolError(BAD_FIELD, f"voice: expected a string, got {turn_changes['voice']!r}")
+        for name, value in turn_changes.items():
+            kinds, expected = TURN_OPTIONS[name]
+            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+                raise ProtocolError(BAD_FIELD, f"{name}: expected {expected}, got {value!r}")
         try:
             return dataclasses.replace(
                 base,
@@ -212,15 +242,22 @@ class NativeProtocol:
         return messages
 
 
+def settings_json(settings: SessionSettings) -> dict[str, Any]:
+    """The wire form of settings (session.started, session.updated, GET /api/info); `update` takes it as is."""
+    vad: dict[str, Any] = {k: getattr(settings.vad, k) for k in VAD_OPTIONS if k != "min_interruption_ms"}
+    vad["min_interruption_ms"] = settings.min_interruption_ms
+    return {"vad": vad, **{k: getattr(settings.turn, k) for k in TURN_OPTIONS}}
+
+
 def _wire(event: ServerEvent) -> dict[str, Any]:
     """The JSON object of a non-audio server event."""
     if isinstance(event, SessionStarted):
         return {"type": "session.started", "session_id": event.session_id,
                 "sample_rate": event.sample_rate_hz, "output_sample_rate": event.output_sample_rate_hz,
                 "frame_ms": event.frame_ms,
-                "model": event.model, "demo": event.demo, "settings": event.settings}
+                "model": event.model, "demo": event.demo, "settings": settings_json(event.settings)}
     if isinstance(event, SettingsUpdated):
-        return {"type": "session.updated", "settings": event.settings}
+        return {"type": "session.updated", "settings": settings_json(event.settings)}
     if isinstance(event, SpeechStarted):
         return {"type": "speech.started", "at_ms": event.at_ms}
     if isinstance(event, SpeechStopped):

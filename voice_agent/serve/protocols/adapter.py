@@ -1,0 +1,50 @@
+"""The contract between a connection and a wire format: `WireAdapter`.
+
+`voice_agent.serve.connection.Connection` moves messages between a WebSocket and a `Session`; everything it
+needs to know about a wire format is this protocol, so a new format (OpenAI Realtime, a telephony media
+stream) is a new adapter and no change to the connection. An adapter is Sans-I/O and belongs to one
+connection, so it may keep that connection's wire state (rates, resamplers, whether the session opened).
+
+Its parts:
+- translation: `decode(message) -> list[ClientEvent]` (raising `ProtocolError` with a stable code for a
+  bad message; the connection reports it and goes on) and `encode(event) -> list[message]`;
+- opening: a session opens with a `StartSession` event. A format with an opening message decodes it from
+  that message and returns [] from `on_accept`; a format whose session opens with the connection returns
+  its `StartSession` from `on_accept`. Either way the connection ends with `NoStart` when no
+  `StartSession` came within `start_timeout_s` of the accept;
+- auth: besides the generic `Authorization: Bearer KEY` header, a key may come from the handshake
+  (`handshake_key`, e.g. a query parameter or subprotocol the format defines) or from the opening event
+  (`StartSession.key`);
+- the fatal error: before the close frame the connection sends `encode(ErrorEvent(..., fatal=True))`; a
+  format without an error message returns [] there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from voice_agent.serve.protocols.events import ClientEvent, ServerEvent
+
+
+class WireAdapter(Protocol):
+    """One connection's wire format; see the module docstring."""
+
+    start_timeout_s: float  # the session must open (a StartSession) within this of the accept
+
+    def handshake_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+        """An API key the WebSocket handshake carries other than a Bearer header, or None."""
+        ...
+
+    def on_accept(self) -> list[ClientEvent]:
+        """Events the accepted connection implies before any message (its StartSession, if the format
+        has no opening message)."""
+        ...
+
+    def decode(self, message: str | bytes) -> list[ClientEvent]:
+        """One wire message -> client events; raises ProtocolError for a message it cannot use."""
+        ...
+
+    def encode(self, event: ServerEvent) -> list[str | bytes]:
+        """One server event -> the wire messages that carry it, in order (possibly none)."""
+        ...
