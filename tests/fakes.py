@@ -5,8 +5,11 @@ FakeEngine is a fake of `voice_agent.engine.api.Engine` for server and session t
 It emits a scripted reply block by block (a text delta, then `block_ms` of a 24 kHz sine) with a small
 sleep per block standing in for an engine step, honours `cancel(played_ms)` within one step (history
 keeps only the words whose audio had started playing), records what it was asked, and keeps each
-session's history separate. Scripted failures by voice name: "fake-crash" makes the turn's iterator
-raise RuntimeError, "fake-error" makes it yield a TurnError. Never use it to claim model behaviour.
+session's history separate. With `hold=True` a reply, once its blocks are out, goes on "generating"
+without output until cancelled. Like the real engine it refuses a turn of more than MAX_INPUT_SAMPLES
+(FAKE_MAX_INPUT_SAMPLES names the fake's copy of that check). Scripted failures by voice name:
+"fake-crash" makes the turn's iterator raise RuntimeError, "fake-error" makes it yield a TurnError.
+Never use it to claim model behaviour.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from voice_agent.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
+from voice_agent.audio import INPUT_SAMPLE_RATE, MAX_INPUT_SAMPLES, OUTPUT_SAMPLE_RATE
 from voice_agent.engine.api import (
     AudioChunk,
     EngineEvent,
@@ -34,6 +37,7 @@ from voice_agent.errors import AdmissionError, TurnRejected
 
 FAKE_TONE_HZ = 330.0
 FAKE_AMPLITUDE = 0.2
+FAKE_MAX_INPUT_SAMPLES = MAX_INPUT_SAMPLES  # the real engine's 30-s input limit, enforced by the fake
 
 
 def tone(ms: float, hz: float = 440.0, amp: float = 0.3) -> np.ndarray:
@@ -50,8 +54,8 @@ def silence(ms: float) -> np.ndarray:
 class FakeEnergyClassifier:
     """A fake VAD classifier: a frame is voiced when its RMS exceeds 0.01. Exact and stateless."""
 
-    def __init__(self, frame_ms: int = 20) -> None:
-        self.frame_samples = frame_ms * INPUT_SAMPLE_RATE // 1000
+    def __init__(self, frame_ms: int = 20, *, frame_samples: int | None = None) -> None:
+        self.frame_samples = frame_samples if frame_samples is not None else frame_ms * INPUT_SAMPLE_RATE // 1000
 
     def is_speech(self, frame: np.ndarray) -> bool:
         return float(np.sqrt(np.mean(frame**2))) > 0.01
@@ -61,10 +65,15 @@ class FakeEnergyClassifier:
 class FakeTurn:
     """What one submitted turn looked like to the fake engine."""
 
-    audio_s: float
+    audio: np.ndarray  # (T,) float32 16 kHz, as submitted
     settings: TurnSettings
     reply: str = ""
     cancelled_at_ms: float | None = None
+    blocks_sent: int = 0
+
+    @property
+    def audio_s(self) -> float:
+        return len(self.audio) / INPUT_SAMPLE_RATE
 
 
 @dataclass
@@ -88,8 +97,10 @@ class FakeEngineSession:
             raise TurnRejected(f"expected no running turn on session {self.id}, got one running")
         if audio.ndim != 1 or audio.dtype != np.float32:
             raise TurnRejected(f"expected (T,) float32 audio, got {audio.dtype} {audio.shape}")
+        if not 0 < len(audio) <= FAKE_MAX_INPUT_SAMPLES:
+            raise TurnRejected(f"FakeEngine: expected 1..{FAKE_MAX_INPUT_SAMPLES} samples, got {len(audio)}")
         self._running, self._cancel, self._played_ms = True, False, None
-        turn = FakeTurn(audio_s=len(audio) / INPUT_SAMPLE_RATE, settings=settings)
+        turn = FakeTurn(audio=audio.copy(), settings=settings)
         self.turns.append(turn)
         return self._run(turn, time.monotonic() if speech_end is None else speech_end)
 
@@ -115,6 +126,7 @@ class FakeEngineSession:
                 raise RuntimeError("FakeEngine scripted crash")
             if turn.settings.voice == "fake-error":
                 await asyncio.sleep(e.step_s)
+                self._running = False  # as the real engine: a new turn may follow the terminal event at once
                 yield TurnError("engine_error", "FakeEngine scripted turn error")
                 return
             for i, word in enumerate(words):
@@ -128,6 +140,9 @@ class FakeEngineSession:
                 yield TextDelta(word + " ")
                 timings.first_audio = timings.first_audio or time.monotonic()
                 yield AudioChunk(e.tone(start_ms), start_ms)
+                turn.blocks_sent += 1
+            while e.hold and not self._cancel:  # still "generating", with nothing to show for it
+                await asyncio.sleep(e.step_s)
             if self._cancel:
                 reason = "cancelled"
             kept = words[: len(starts)]
@@ -137,9 +152,11 @@ class FakeEngineSession:
             turn.reply = " ".join(kept)
             self.history.append(turn.reply)
             timings.done = time.monotonic()
+            self._running = False
             yield ResponseDone(turn.reply, reason, timings, audio_ms=len(starts) * e.block_ms)  # type: ignore[arg-type]
         finally:
-            self._running = False
+            if self.turns[-1] is turn:  # not a later turn, submitted while this one ended
+                self._running = False
 
 
 class FakeEngine:
@@ -154,8 +171,10 @@ class FakeEngine:
         max_sessions: int = 4,
         ready: bool = True,
         demo: bool = True,
+        hold: bool = False,
     ) -> None:
         self.blocks, self.block_ms, self.step_s, self.max_sessions = blocks, block_ms, step_s, max_sessions
+        self.hold = hold
         self.words = [f"w{i}" for i in range(blocks)]
         self.info = EngineInfo(model_name="FakeEngine", demo=demo, device="cpu", dtype="float32",
                                voices=("default", "alt"))

@@ -27,14 +27,15 @@ from voice_agent.serve.protocols.events import (
     StartSession,
     UpdateSettings,
 )
-from voice_agent.serve.protocols.native import NativeProtocol, WireState
+from voice_agent.serve.protocols.native import NativeProtocol, WireState, settings_json
 from voice_agent.serve.settings import SessionSettings
+from voice_agent.serve.vad import VadSettings
 
 START = json.dumps({"type": "start"})
 
 
-def opened(**start: object) -> NativeProtocol:
-    p = NativeProtocol(SessionSettings())
+def opened(defaults: SessionSettings | None = None, **start: object) -> NativeProtocol:
+    p = NativeProtocol(defaults or SessionSettings())
     p.decode(json.dumps({"type": "start", **start}))
     return p
 
@@ -201,3 +202,65 @@ def test_audio_out_at_48k_is_resampled_and_flushed_at_response_done() -> None:
     tail = p.encode(ResponseFinished("resp_1", "eos", "", 1000.0, {}))
     assert isinstance(tail[0], bytes) and json.loads(tail[1])["type"] == "response.done"
     assert (sum(sizes) + len(tail[0])) // 2 == 48000  # exactly twice the samples, once flushed
+
+
+# Every field of the settings echo: (its path in the JSON, a value other than the default).
+ROUND_TRIP = [
+    (("vad", "kind"), "silero"),  # the server's choice: set in the server defaults, echoed, accepted back
+    (("vad", "aggressiveness"), 3),
+    (("vad", "frame_ms"), 30),
+    (("vad", "speech_start_ms"), 200),
+    (("vad", "silence_ms"), 800),
+    (("vad", "prefix_padding_ms"), 100),
+    (("vad", "max_turn_ms"), 12_000),
+    (("vad", "silero_threshold"), 0.3),
+    (("vad", "min_interruption_ms"), 250),
+    (("voice",), "alt"),
+    (("temperature",), 0.7),
+    (("max_new_tokens",), 64),
+    (("seed",), 7),
+]
+
+
+def _at(obj: dict, path: tuple[str, ...]) -> object:
+    for key in path:
+        obj = obj[key]
+    return obj
+
+
+def _message(path: tuple[str, ...], value: object) -> dict:
+    return {path[0]: {path[1]: value}} if len(path) == 2 else {path[0]: value}
+
+
+def test_the_round_trip_table_covers_every_echoed_field() -> None:
+    echo = settings_json(SessionSettings())
+    paths = {("vad", k) for k in echo["vad"]} | {(k,) for k in echo if k != "vad"}
+    assert paths == {path for path, _ in ROUND_TRIP}
+
+
+@pytest.mark.parametrize("path, value", ROUND_TRIP)
+def test_what_session_started_echoes_update_accepts_unchanged(path: tuple[str, ...], value: object) -> None:
+    if path == ("vad", "kind"):
+        defaults, start = SessionSettings(vad=VadSettings(kind="silero")), {}
+    else:
+        defaults, start = SessionSettings(), _message(path, value)
+    p = NativeProtocol(defaults)
+    (started,) = p.decode(json.dumps({"type": "start", **start}))
+    assert isinstance(started, StartSession)
+    (message,) = p.encode(SessionStarted("s1", 16000, 24000, 20, "m", False, started.settings))
+    echo = json.loads(message)["settings"]
+    assert _at(echo, path) == value
+
+    for q in (p, opened(defaults)):  # the same connection, and a fresh one on the same server
+        (updated,) = q.decode(json.dumps({"type": "update", **echo}))
+        assert isinstance(updated, UpdateSettings) and updated.settings == started.settings
+        (message,) = q.encode(SettingsUpdated(updated.settings))
+        assert json.loads(message)["settings"] == echo
+
+
+def test_update_refuses_another_detector_than_the_servers() -> None:
+    p = opened()
+    echo = settings_json(p.settings)
+    echo["vad"]["kind"] = "silero"
+    with pytest.raises(ProtocolError, match="vad.kind: expected 'webrtc' \\(the server's detector\\), got 'silero'"):
+        p.decode(json.dumps({"type": "update", **echo}))

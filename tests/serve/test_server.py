@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -21,6 +21,8 @@ import websockets
 from fakes import FakeEngine, silence, tone
 from websockets.asyncio.client import ClientConnection, connect
 
+from voice_agent.audio import MAX_INPUT_SECONDS, MAX_TURN_MS
+from voice_agent.engine.thread import _check_audio
 from voice_agent.errors import ConfigError
 from voice_agent.serve.app import build_app, uvicorn_options
 from voice_agent.serve.config import ServerConfig
@@ -28,10 +30,16 @@ from voice_agent.serve.config import ServerConfig
 KEY = "s3cret-key"
 
 
+SMALL_SOCKET_BUFFER = 32 * 1024  # bytes: kernel buffers that a client which stops reading fills quickly
+
+
 @asynccontextmanager
-async def serve(engine: FakeEngine, **config: object) -> AsyncIterator[str]:
-    """Run the app on a free port in this event loop; yields "127.0.0.1:PORT"."""
+async def serve(engine: FakeEngine, *, small_buffers: bool = False, **config: object) -> AsyncIterator[str]:
+    """Run the app on a free port in this event loop; yields "127.0.0.1:PORT". `small_buffers`: the
+    accepted sockets get a small send buffer (Linux copies it from the listening socket)."""
     sock = socket.socket()
+    if small_buffers:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_SOCKET_BUFFER)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     cfg = ServerConfig(port=port, log_level="warning", **config)  # type: ignore[arg-type]
@@ -53,6 +61,7 @@ class Client:
     ws: ClientConnection
     events: list[dict] = field(default_factory=list)
     order: list[str] = field(default_factory=list)  # "t" text delta, "a" audio, per arrival
+    arrivals: list[str] = field(default_factory=list)  # every message: its event type, or "audio"
     audio_bytes: int = 0
 
     async def send(self, obj: dict) -> None:
@@ -72,9 +81,11 @@ class Client:
                 if isinstance(msg, bytes):
                     self.audio_bytes += len(msg)
                     self.order.append("a")
+                    self.arrivals.append("audio")
                     continue
                 event = json.loads(msg)
                 self.events.append(event)
+                self.arrivals.append(event["type"])
                 if event["type"] == "text.delta":
                     self.order.append("t")
                 if event["type"] == kind and all(event.get(k) == v for k, v in match.items()):
@@ -92,6 +103,22 @@ def close_code(closed: websockets.ConnectionClosed) -> int:
     """The close code the server sent (fails if the connection just dropped)."""
     assert closed.rcvd is not None, f"expected a close frame from the server, got none ({closed})"
     return closed.rcvd.code
+
+
+def small_buffer_socket(addr: str) -> socket.socket:
+    """A client socket with a small receive buffer, connected to `addr`."""
+    host, port = addr.split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_SOCKET_BUFFER)
+    sock.connect((host, int(port)))
+    return sock
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until `condition()` holds."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
 
 
 @asynccontextmanager
@@ -181,6 +208,46 @@ async def test_slow_client_is_closed_with_a_clear_code() -> None:
         assert info.value.rcvd is not None
         assert info.value.rcvd.reason.startswith("slow_client: expected the client to read its messages")
         assert engine.open_count == 0 and engine.sessions[0].closed
+
+
+async def test_a_client_that_stops_reading_is_still_heard_then_closed_as_slow() -> None:
+    """Receiving never waits on sending: while the client reads nothing and the server is more than
+    send_queue_messages behind, its speech still ends a turn and barge-in still cuts the reply (seen on
+    the engine); it is closed with 4001 once it has stayed behind for slow_client_ms."""
+    blocks, behind = 16, 20  # a reply of 2 * 16 text + audio messages; behind at 20 unsent
+    engine = FakeEngine(blocks=blocks, block_ms=10_000, step_s=0.005, hold=True)  # 480 kB per audio block
+    async with serve(engine, small_buffers=True, send_queue_messages=behind, slow_client_ms=1500) as addr:
+        async with client(addr, {}, max_queue=1, sock=small_buffer_socket(addr)) as c:
+            await c.speak(np.concatenate([tone(600), silence(900)]))  # from here on the client reads nothing
+            session = engine.sessions[0]
+            await eventually(lambda: len(session.turns) == 1 and session.turns[0].blocks_sent == blocks)
+            await c.speak(np.concatenate([tone(700), silence(900)]))  # the user talks over the reply
+            await eventually(lambda: len(session.turns) == 2)  # barge-in, then the new turn, all unread
+            assert engine.cancels[0][0] == "fake1" and engine.cancels[0][1] is not None  # not the close's
+            assert session.turns[1].audio_s >= 0.7  # the interrupting utterance is the new turn
+            await eventually(lambda: session.closed)  # the server gave up on the client
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await c.until("never")
+        assert close_code(info.value) == 4001
+        assert c.events[-1]["code"] == "slow_client" and c.events[-1]["fatal"] is True
+        # What reached the client before it was closed is part of the first reply (the rest of the backlog
+        # never went out); so when the user barged in, the server had at least `behind` messages unsent
+        # (one more may have been half-written).
+        heard = [a for a in c.arrivals if a in ("audio", "text.delta")]
+        assert 2 * blocks - len(heard) - 1 >= behind
+
+
+async def test_a_turn_at_the_length_limit_ends_as_max_length_and_is_answered() -> None:
+    engine = FakeEngine(blocks=3)
+    async with serve(engine) as addr, client(addr, {"vad": {"min_interruption_ms": 10_000}}) as c:
+        await c.speak(np.concatenate([tone(MAX_TURN_MS + 1000), silence(900)]))
+        stopped = await c.until("speech.stopped")
+        assert stopped["reason"] == "max_length" and stopped["turn"] is True
+        assert (await c.until("response.done", response_id="resp_1"))["reason"] == "eos"
+        assert not [e for e in c.events if e["type"] == "error"]
+        turn = engine.sessions[0].turns[0]
+        assert turn.audio_s == MAX_INPUT_SECONDS  # prefix padding included
+        _check_audio(turn.audio)  # the real engine's input check takes it as well
 
 
 BAD_INPUTS: list[tuple[str | bytes, str | None]] = [
@@ -320,6 +387,7 @@ def test_config_precedence_cli_over_env_over_default() -> None:
         ({"VOICE_AGENT_PORT": "70000"}, "--port / VOICE_AGENT_PORT: expected a port number 0..65535, got 70000"),
         ({"VOICE_AGENT_DTYPE": "int8"}, "expected one of ('float32', 'bfloat16', 'float16'), got 'int8'"),
         ({"VOICE_AGENT_VAD_FRAME_MS": "25"}, "frame_ms: expected one of (10, 20, 30), got 25"),
+        ({"VOICE_AGENT_MAX_TURN_MS": "60000"}, "max_turn_ms: expected an integer 1000..30000, got 60000"),
         ({"VOICE_AGENT_API_KEY": "short"}, "VOICE_AGENT_API_KEY: expected at least 8 characters, got 5 characters"),
     ],
 )

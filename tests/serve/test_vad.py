@@ -9,14 +9,17 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 from fakes import FakeEnergyClassifier, silence, tone
 
-from voice_agent.audio import INPUT_SAMPLE_RATE
+from voice_agent.audio import INPUT_SAMPLE_RATE, INPUT_SAMPLES_PER_MS, MAX_INPUT_SAMPLES, MAX_TURN_MS
+from voice_agent.engine.thread import _check_audio
 from voice_agent.errors import VadSettingsError, VadUnavailable
 from voice_agent.serve.vad import (
+    SILERO_FRAME_SAMPLES,
     TurnDetector,
     VadSettings,
     VadSpeechStarted,
@@ -120,6 +123,46 @@ def test_max_turn_length_cuts_the_turn() -> None:
     assert det.state is VadState.SPEECH  # the speech goes on: a new turn started after the cut
 
 
+@pytest.mark.parametrize("frame_samples", [160, 320, 480, SILERO_FRAME_SAMPLES])  # webrtc 10/20/30 ms, silero
+@pytest.mark.parametrize("prefix_padding_ms", [0, 300, 2000])
+def test_a_turn_at_the_length_limit_fits_the_engine_input(frame_samples: int, prefix_padding_ms: int) -> None:
+    settings = VadSettings(max_turn_ms=MAX_TURN_MS, prefix_padding_ms=prefix_padding_ms)
+    det = TurnDetector(settings, FakeEnergyClassifier(frame_samples=frame_samples))
+    events = run(det, np.concatenate([silence(3000), tone(MAX_TURN_MS + 1000)]), chunk=4000)
+    stop = next(e for e in events if isinstance(e, VadSpeechStopped))
+    assert stop.reason == "max_length"
+    assert MAX_INPUT_SAMPLES - frame_samples < len(stop.audio) <= MAX_INPUT_SAMPLES  # prefix padding included
+    _check_audio(stop.audio)  # the real engine's input check takes it
+
+
+def test_padding_rounded_up_to_frames_still_fits_a_short_turn_limit() -> None:
+    # 32-ms frames: 16 frames of padding + 15 of the starting run = 992 ms, all of max_turn_ms at once
+    settings = VadSettings(max_turn_ms=1000, prefix_padding_ms=500, speech_start_ms=480)
+    clf = FakeEnergyClassifier(frame_samples=SILERO_FRAME_SAMPLES)
+    events = run(TurnDetector(settings, clf), np.concatenate([silence(1000), tone(3000)]))
+    stop = next(e for e in events if isinstance(e, VadSpeechStopped))
+    assert stop.reason == "max_length" and len(stop.audio) <= 1000 * INPUT_SAMPLES_PER_MS
+
+
+def test_webrtcvad_gets_rounded_clipped_int16(monkeypatch: pytest.MonkeyPatch) -> None:
+    class FakeVad:  # records what webrtcvad would be given
+        def __init__(self, mode: int) -> None:
+            self.frames: list[tuple[bytes, int]] = []
+
+        def is_speech(self, pcm: bytes, rate: int) -> bool:
+            self.frames.append((pcm, rate))
+            return True
+
+    monkeypatch.setitem(sys.modules, "webrtcvad", types.SimpleNamespace(Vad=FakeVad))
+    clf = make_classifier(VadSettings(frame_ms=10))
+    frame = np.zeros(160, np.float32)
+    frame[:6] = [0.5, -0.5, 1.5, -1.5, 1.0, -1.0]
+    assert clf.is_speech(frame)
+    ((pcm, rate),) = clf._vad.frames  # type: ignore[attr-defined]
+    assert rate == INPUT_SAMPLE_RATE and len(pcm) == 160 * 2
+    np.testing.assert_array_equal(np.frombuffer(pcm, "<i2")[:7], [16384, -16384, 32767, -32768, 32767, -32768, 0])
+
+
 def test_feed_rejects_multichannel_audio() -> None:
     with pytest.raises(ValueError, match=r"expected mono audio of shape \(T,\), got shape \(2, 10\)"):
         TurnDetector(VadSettings()).feed(np.zeros((2, 10), np.float32))
@@ -134,6 +177,9 @@ def test_feed_rejects_multichannel_audio() -> None:
         ({"silence_ms": 500.5}, r"silence_ms: expected an integer 50..10000, got 500.5"),
         ({"kind": "energy"}, r"kind: expected 'webrtc' or 'silero', got 'energy'"),
         ({"prefix_padding_ms": True}, r"prefix_padding_ms: expected an integer 0..2000, got True"),
+        ({"max_turn_ms": 120_000}, r"max_turn_ms: expected an integer 1000..30000, got 120000"),
+        ({"max_turn_ms": 1000, "prefix_padding_ms": 900}, r"max_turn_ms: expected more than prefix_padding_ms "
+                                                           r"\+ speech_start_ms \(1050\), got 1000"),
     ],
 )
 def test_bad_settings_raise_typed_errors(kwargs: dict, message: str) -> None:
