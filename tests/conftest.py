@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from voice_agent.model.cosy2.flow import FlowConfig, write_tiny_flow
+from voice_agent.model.cosy2.flow_config import FlowConfig
+from voice_agent.model.cosy2.tiny import write_tiny_flow
 
 torch.set_num_threads(1)
 

@@ -1,5 +1,6 @@
 """Tests of the flow's chunk cache: cached streaming equals the full recompute, batches equal rows alone,
-bounded caches stay bounded and are closer to the recompute than the plain bounded window."""
+bounded caches stay bounded and are closer to the recompute than the plain bounded window; given noise
+equal to the seeded draws gives the same mel in every streaming mode."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from voice_agent.engine.flow_cache import FlowCache
-from voice_agent.engine.flow_stream import max_cached_frames
-from voice_agent.model.cosy2.flow import Flow, FlowConfig, FlowStream, load_flow, push_many
+from voice_agent.engine.flow_stream import FlowStream, max_cached_frames, push_many
+from voice_agent.model.cosy2.flow import Flow, NoiseSource, load_flow
+from voice_agent.model.cosy2.flow_config import FlowConfig
 
 CFG = FlowConfig.tiny()
 SMALL = CFG.with_chunks(5, 10)  # same weights, 5-unit / 10-frame chunks: many completed chunks in a short reply
@@ -148,3 +150,26 @@ def test_bytes_for_scales_with_frames_and_dtype() -> None:
     per_frame = FlowCache.bytes_for(official, 1)
     assert per_frame == 10 * 2 * 56 * 2 * 512 * 4  # steps, rows, blocks, key + value, heads * head_dim, fp32
     assert FlowCache.bytes_for(official, 200, torch.bfloat16) == 100 * per_frame
+
+
+@pytest.mark.parametrize(("context", "cached"), [(None, False), (10, False), (None, True), (10, True)])
+def test_injected_noise_equal_to_the_seeded_draws_gives_the_same_mel(small: Flow, context: int | None,
+                                                                      cached: bool) -> None:
+    """The noise a stream would draw, given from outside, gives bit for bit the same mel in every mode
+    (faithful, bounded, cached); other noise gives other mel."""
+    units, spk, seed = _units(33, 7), _spk(7), 4
+
+    def stream(noise: torch.Tensor | None) -> torch.Tensor:
+        s = FlowStream(small, spk, seed, context, cached=cached, noise=noise)
+        starts = range(0, len(units), 10)
+        return torch.cat([s.push(units[b : b + 10], final=b == starts[-1]) for b in starts], dim=1)
+
+    drawn = NoiseSource(seed).frames(0, 2 * len(units))  # (80, 66): what the seeded stream reads
+    default = stream(None)
+    assert torch.equal(stream(drawn.clone()), default)
+    other = stream(torch.randn(drawn.shape, generator=torch.Generator().manual_seed(99)))
+    assert (other - default).abs().max() > 0.1
+    with pytest.raises(ValueError, match="frames were given"):
+        stream(drawn[:, :40])
+    with pytest.raises(ValueError, match=r"noise: expected \(80, frames\)"):
+        FlowStream(small, spk, seed, noise=drawn[:40])

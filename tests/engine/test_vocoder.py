@@ -1,5 +1,4 @@
-"""Streaming vocoder: the reference cache scheme, chunk sizes, joins, batching, determinism;
-the cosy2_decoder directory and its yaml."""
+"""Streaming vocoder: the reference cache scheme, chunk sizes, joins, batching, determinism, given draws."""
 
 from __future__ import annotations
 
@@ -11,18 +10,19 @@ import torch
 
 from voice_agent.engine.vocoder import (
     CROSSFADE_WINDOW,
-    FIRST_CHUNK_SAMPLES,
+    EXCITATION_SEED_SALT,
     HELD_BACK_SAMPLES,
-    STEADY_CHUNK_SAMPLES,
     HiFTStream,
     StreamPhase,
+    open_stream,
     vocode_many,
     vocode_mels,
 )
-from voice_agent.errors import CheckpointError
-from voice_agent.model.cosy2.decoder import Cosy2Decoder, read_cosyvoice_yaml, write_tiny_cosy2_decoder
-from voice_agent.model.cosy2.flow import FlowConfig
-from voice_agent.model.cosy2.hift import HiFT, HiFTConfig, load_hift, write_tiny_hift
+from voice_agent.model.cosy2.decoder import Cosy2Decoder
+from voice_agent.model.cosy2.flow import NoiseSource
+from voice_agent.model.cosy2.hift import Excitation, HiFT, draw_excitation, load_hift
+from voice_agent.model.cosy2.hift_config import HiFTConfig
+from voice_agent.model.cosy2.tiny import write_tiny_cosy2_decoder, write_tiny_hift
 
 TINY = HiFTConfig.tiny()
 BLOCKS = (14, 20, 20, 9)  # mel frames per call in the live schedule: 7 units, then 10, 10, then the rest
@@ -75,7 +75,6 @@ def reference_token2wav(hift: HiFT, blocks: list[torch.Tensor], seed: int) -> li
 
 def test_constants_follow_the_physics() -> None:
     assert HELD_BACK_SAMPLES == 8 * 480 == 3840
-    assert FIRST_CHUNK_SAMPLES == 2880 and STEADY_CHUNK_SAMPLES == 9600
     assert CROSSFADE_WINDOW.shape == (7680,) and np.allclose(CROSSFADE_WINDOW, CROSSFADE_WINDOW[::-1])
     overlap = CROSSFADE_WINDOW[:3840] + CROSSFADE_WINDOW[3840:]
     assert 1.07 < overlap.max() < 1.09  # the reference's Hamming halves do not sum to one
@@ -93,6 +92,47 @@ def test_stream_equals_reference_cache_scheme(hift: HiFT) -> None:
     assert stream.phase is StreamPhase.DONE
     with pytest.raises(ValueError, match="after its final one"):
         stream.push(blocks[0], final=True)
+
+
+def seeded_excitation(seed: int, call_frames: list[int]) -> list[Excitation]:
+    """The draws a stream seeded with `seed` makes, one per HiFT call of `call_frames` mel frames."""
+    g = torch.Generator().manual_seed(seed)
+    return [draw_excitation(g, TINY.nb_harmonics + 1, 480 * frames) for frames in call_frames]
+
+
+def test_given_excitation_equal_to_the_seeded_draws_gives_the_same_stream(hift: HiFT) -> None:
+    blocks = mel_blocks(1)
+    calls = [BLOCKS[0]] + [8 + t for t in BLOCKS[1:]]  # every call after the first re-vocodes 8 cached frames
+
+    def run(excitation: list[Excitation] | None) -> np.ndarray:
+        stream = HiFTStream(hift, seed=11, excitation=excitation)
+        return np.concatenate([stream.push(b, final=i == len(blocks) - 1) for i, b in enumerate(blocks)])
+
+    seeded = run(None)
+    np.testing.assert_array_equal(run(seeded_excitation(11, calls)), seeded)
+    other = seeded_excitation(12, calls)
+    assert np.abs(run(other) - seeded).max() > 1e-3
+    with pytest.raises(ValueError, match="ran out"):
+        run(seeded_excitation(11, calls[:2]))
+
+
+def test_open_stream_with_given_noise_and_excitation_equals_the_seeded_session(decoder_dir: Path) -> None:
+    decoder = Cosy2Decoder.load(decoder_dir)
+    spk, seed = decoder.voice("en"), 5
+    units = [int(u) for u in np.random.default_rng(3).integers(0, 6561, 23)]
+    blocks = [units[b:b + 10] for b in range(0, 23, 10)]
+
+    def run(**given: torch.Tensor | list[Excitation]) -> np.ndarray:
+        stream = open_stream(decoder, spk, seed, **given)
+        return np.concatenate([stream.push(b, final=i == len(blocks) - 1) for i, b in enumerate(blocks)])
+
+    seeded = run()
+    noise = NoiseSource(seed).frames(0, 2 * len(units))  # (80, 46): the flow's draws
+    excitation = seeded_excitation(seed ^ EXCITATION_SEED_SALT, [14, 8 + 20, 8 + 12])  # 7, 10, then 3 + 3 units
+    np.testing.assert_array_equal(run(noise=noise, excitation=excitation), seeded)
+    np.testing.assert_array_equal(run(noise=noise), seeded)
+    assert np.abs(run(noise=noise + 0.5, excitation=excitation) - seeded).max() > 1e-3
+    assert np.abs(run(noise=noise, excitation=seeded_excitation(1, [14, 28, 20])) - seeded).max() > 1e-3
 
 
 class FakeClockHiFT(HiFT):
@@ -185,36 +225,6 @@ def test_batched_sessions_equal_each_alone(hift: HiFT) -> None:
 # ---- flow in front: units -> audio ---------------------------------------------------------------
 
 
-def test_tiny_decoder_directory_is_deterministic_per_seed(tmp_path: Path, decoder_dir: Path) -> None:
-    again = write_tiny_cosy2_decoder(tmp_path / "again", seed=0)
-    names = sorted(p.relative_to(decoder_dir) for p in decoder_dir.rglob("*") if p.is_file())
-    assert [n.as_posix() for n in names] == [
-        "cosyvoice.yaml", "flow.pt", "hift.pt", "voices/en.npy", "voices/zh.npy",
-    ]
-    for name in names:
-        assert (decoder_dir / name).read_bytes() == (again / name).read_bytes(), name
-    data = read_cosyvoice_yaml(decoder_dir / "cosyvoice.yaml")
-    assert FlowConfig.from_yaml(data["flow"]) == FlowConfig.tiny()
-    assert HiFTConfig.from_yaml(data["hift"]) == TINY
-
-
-def test_decoder_load_names_missing_files(tmp_path: Path, decoder_dir: Path) -> None:
-    for missing in ("flow.pt", "hift.pt"):
-        d = tmp_path / missing
-        d.mkdir()
-        for f in decoder_dir.iterdir():
-            if f.is_file() and f.name != missing:
-                (d / f.name).write_bytes(f.read_bytes())
-        with pytest.raises(CheckpointError, match=f"missing file .*{missing}"):
-            Cosy2Decoder.load(d)
-    d = tmp_path / "no_yaml"  # official defaults then, which the tiny weights do not fit
-    d.mkdir()
-    for name in ("flow.pt", "hift.pt"):
-        (d / name).write_bytes((decoder_dir / name).read_bytes())
-    with pytest.raises(CheckpointError, match="shape mismatch"):
-        Cosy2Decoder.load(d)
-
-
 def test_unit_blocks_give_the_live_chunk_sizes_and_batch_equals_alone(decoder_dir: Path) -> None:
     decoder = Cosy2Decoder.load(decoder_dir, dtype=torch.float64)
     decoder.hift.double()
@@ -224,12 +234,12 @@ def test_unit_blocks_give_the_live_chunk_sizes_and_batch_equals_alone(decoder_di
     blocks = [[r[b:b + 10] for b in range(0, len(r), 10)] for r in replies]
     alone = []
     for seed, bs in enumerate(blocks):
-        stream = decoder.stream(spk, seed)
+        stream = open_stream(decoder, spk, seed)
         alone.append([stream.push(b, final=i == len(bs) - 1) for i, b in enumerate(bs)])
     assert [len(c) for c in alone[0]] == [2880, 9600, 9600]  # 7 units, 10, then 3 + 3 held + 8 cached frames
     assert sum(len(c) for c in alone[0]) == 23 * 960
     assert [len(c) for c in alone[2]] == [3 * 960]  # a single final call: no cache, nothing held back
-    streams = [decoder.stream(spk, seed) for seed in range(3)]
+    streams = [open_stream(decoder, spk, seed) for seed in range(3)]
     together: list[list[np.ndarray]] = [[], [], []]
     for step in range(3):
         rows = [i for i in range(3) if step < len(blocks[i])]
@@ -240,124 +250,6 @@ def test_unit_blocks_give_the_live_chunk_sizes_and_batch_equals_alone(decoder_di
     for a, b in zip(alone, together, strict=True):
         np.testing.assert_allclose(np.concatenate(a), np.concatenate(b), rtol=0, atol=1e-6)
     assert not np.allclose(np.concatenate(alone[0]), np.concatenate(alone[1]))  # other seed, other audio
-
-
-# ---- cosyvoice.yaml -------------------------------------------------------------------------------
-
-OFFICIAL_STYLE_YAML = """\
-__set_seed1: !apply:random.seed [1986]
-__set_seed3: !apply:torch.manual_seed [1986]
-sample_rate: 24000
-spk_embed_dim: 192
-token_frame_rate: 25
-token_mel_ratio: 2
-qwen_pretrain_path: ''
-hop: 480
-llm: !new:cosyvoice.llm.llm.Qwen2LM
-    llm_input_size: 896
-    llm: !new:cosyvoice.llm.llm.Qwen2Encoder
-        pretrain_path: !ref <qwen_pretrain_path>
-    sampling: !name:cosyvoice.utils.common.ras_sampling
-        top_p: 0.8
-flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
-    input_size: 512
-    output_size: 80
-    spk_embed_dim: !ref <spk_embed_dim>
-    output_type: 'mel'
-    vocab_size: 6561
-    input_frame_rate: !ref <token_frame_rate>
-    only_mask_loss: True
-    token_mel_ratio: !ref <token_mel_ratio>
-    pre_lookahead_len: 3
-    encoder: !new:cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder
-        output_size: 512
-        attention_heads: 8
-        linear_units: 2048
-        num_blocks: 6
-        input_size: 512
-        use_cnn_module: False
-    decoder: !new:cosyvoice.flow.flow_matching.CausalConditionalCFM
-        in_channels: 240
-        n_spks: 1
-        spk_emb_dim: 80
-        cfm_params: !!python/object/apply:omegaconf.DictConfig
-            content:
-                sigma_min: 1e-06
-                solver: 'euler'
-                t_scheduler: 'cosine'
-                inference_cfg_rate: 0.7
-        estimator: !new:cosyvoice.flow.decoder.ConditionalDecoder
-            in_channels: 320
-            out_channels: 80
-            causal: True
-            channels: [256]
-            attention_head_dim: 64
-            n_blocks: 4
-            num_mid_blocks: 12
-            num_heads: 8
-            act_fn: 'gelu'
-hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
-    in_channels: 80
-    base_channels: 512
-    nb_harmonics: 8
-    sampling_rate: !ref <sample_rate>
-    nsf_alpha: 0.1
-    nsf_sigma: 0.003
-    nsf_voiced_threshold: 10
-    upsample_rates: [8, 5, 3]
-    upsample_kernel_sizes: [16, 11, 7]
-    istft_params:
-        n_fft: 16
-        hop_len: 4
-    resblock_kernel_sizes: [3, 7, 11]
-    resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
-    source_resblock_kernel_sizes: [7, 7, 11]
-    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
-    lrelu_slope: 0.1
-    audio_limit: 0.99
-    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor
-        num_class: 1
-        in_channels: 80
-        cond_channels: 512
-feat_extractor: !name:matcha.utils.audio.mel_spectrogram
-    n_fft: 1920
-    hop_size: !ref <hop>
-    win_size: !ref <hop> * 4
-    sampling_rate: !ref <sample_rate>
-    fmax: 8000
-    center: False
-save_path: !ref <qwen_pretrain_path>/exp
-"""
-
-
-def test_yaml_reader_reads_numbers_without_building_objects(tmp_path: Path) -> None:
-    path = tmp_path / "cosyvoice.yaml"
-    path.write_text(OFFICIAL_STYLE_YAML)
-    data = read_cosyvoice_yaml(path)
-    assert data["__set_seed1"] == [1986]
-    assert data["flow"]["spk_embed_dim"] == 192 and data["hift"]["sampling_rate"] == 24000
-    assert data["flow"]["decoder"]["cfm_params"] == {
-        "sigma_min": 1e-06, "solver": "euler", "t_scheduler": "cosine", "inference_cfg_rate": 0.7,
-    }
-    assert data["feat_extractor"]["win_size"] == 1920 and data["feat_extractor"]["hop_size"] == 480
-    assert data["llm"]["llm"]["pretrain_path"] == "" and data["save_path"] == "/exp"
-    assert FlowConfig.from_yaml(data["flow"]) == FlowConfig()
-    assert HiFTConfig.from_yaml(data["hift"]) == HiFTConfig()
-
-
-def test_yaml_reader_errors_name_the_file(tmp_path: Path) -> None:
-    cases = {
-        "bad_ref.yaml": "a: 1\nb: !ref <nope>\n",
-        "cycle.yaml": "a: !ref <b>\nb: !ref <a>\n",
-        "not_yaml.yaml": "a: [1, 2\n",
-        "scalar.yaml": "just text\n",
-    }
-    for name, text in cases.items():
-        (tmp_path / name).write_text(text)
-        with pytest.raises(CheckpointError, match=name):
-            read_cosyvoice_yaml(tmp_path / name)
-    with pytest.raises(CheckpointError, match="missing file"):
-        read_cosyvoice_yaml(tmp_path / "absent.yaml")
 
 
 def test_bench_vocoder_prints_per_block_figures(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,21 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from voice_agent.engine.flow_stream import stream_reply
-from voice_agent.errors import CheckpointError
-from voice_agent.model.cosy2.flow import (
-    Flow,
-    FlowConfig,
+from voice_agent.engine.flow_stream import (
     FlowStream,
-    NoiseSource,
     StreamState,
     bounded_context_deviation,
     flow_block_times,
-    load_flow,
     push_many,
-    write_tiny_flow,
+    stream_reply,
 )
+from voice_agent.errors import CheckpointError
+from voice_agent.model.cosy2.flow import Flow, NoiseSource, load_flow
+from voice_agent.model.cosy2.flow_config import FlowConfig
 from voice_agent.model.cosy2.flow_encoder import RelPositionMultiHeadedAttention, chunk_mask, relative_positions
+from voice_agent.model.cosy2.tiny import write_tiny_flow
 
 CFG = FlowConfig.tiny()
 SMALL_CHUNKS = CFG.with_chunks(5, 10)  # same weights, 5-unit / 10-frame chunks: chunk effects on short input
@@ -361,6 +359,18 @@ def test_noise_source_is_deterministic_lazy_and_releasable() -> None:
     torch.testing.assert_close(b.frames(200, 300), whole[:, 200:300], atol=0, rtol=0)
     with pytest.raises(ValueError, match="released"):
         b.frames(150, 160)
+
+
+def test_given_noise_serves_its_frames_and_nothing_past_them() -> None:
+    values = torch.randn(80, 30, generator=torch.Generator().manual_seed(1))
+    given = NoiseSource.given(values)
+    assert torch.equal(given.frames(5, 30), values[:, 5:])
+    given.release_before(10)
+    assert torch.equal(given.frames(12, 20), values[:, 12:20])  # one block: nothing is freed before frame 30
+    with pytest.raises(ValueError, match="30 frames were given, frames up to 31 are needed"):
+        given.frames(0, 31)
+    with pytest.raises(ValueError, match=r"expected float values \(channels, T >= 1\)"):
+        NoiseSource.given(torch.zeros(80, dtype=torch.long))
 
 
 def test_flow_block_times_gives_one_time_per_block(flow: Flow) -> None:

@@ -8,15 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from voice_agent.audio import SAMPLES_PER_MEL_FRAME
 from voice_agent.errors import CheckpointError
-from voice_agent.model.cosy2.hift import (
-    SAMPLES_PER_FRAME,
-    HiFT,
-    HiFTConfig,
-    fold_weight_norm,
-    load_hift,
-    write_tiny_hift,
-)
+from voice_agent.model.cosy2.hift import Excitation, HiFT, draw_excitation, fold_weight_norm, load_hift
+from voice_agent.model.cosy2.hift_config import HiFTConfig
+from voice_agent.model.cosy2.tiny import write_tiny_hift
 
 TINY = HiFTConfig.tiny()
 
@@ -37,7 +33,7 @@ def tiny(tiny_path: Path) -> HiFT:
 
 def test_official_config_gives_480_samples_per_frame_and_roundtrips_yaml() -> None:
     cfg = HiFTConfig()
-    assert cfg.samples_per_frame == SAMPLES_PER_FRAME == 480
+    assert cfg.samples_per_frame == SAMPLES_PER_MEL_FRAME == 480
     assert HiFTConfig.from_yaml(cfg.yaml_section()) == cfg
     assert HiFTConfig.from_yaml(TINY.yaml_section()) == TINY
     with pytest.raises(ValueError, match="unexpected key 'bogus'"):
@@ -162,6 +158,26 @@ def test_excitation_is_deterministic_per_seed_and_per_row(tiny: HiFT) -> None:
     c, _ = tiny.inference(mel, None, generators(7, 5, 6))
     assert not torch.equal(a[0], c[0]) and torch.equal(a[1:], c[1:])
 
+
+
+def test_given_excitation_equal_to_the_seeded_draws_gives_the_same_audio(tiny: HiFT) -> None:
+    mel = torch.randn(2, 80, 9, generator=torch.Generator().manual_seed(5))
+    H, N = TINY.nb_harmonics + 1, 480 * 9
+    seeded = tiny.inference(mel, None, generators(4, 5))
+    drawn = [draw_excitation(g, H, N) for g in generators(4, 5)]  # what rows 0 and 1 draw
+    given = tiny.inference(mel, None, generators(0, 0), drawn)
+    assert torch.equal(given[0], seeded[0]) and torch.equal(given[1], seeded[1])
+    mixed = tiny.inference(mel, None, generators(0, 5), [drawn[0], None])  # row 1 still draws
+    assert torch.equal(mixed[0], seeded[0])
+    other_noise = Excitation(drawn[0].phase, torch.randn(H, N, generator=torch.Generator().manual_seed(8)))
+    other_phase = Excitation(drawn[0].phase + 1.0, drawn[0].noise)
+    for other in (other_noise, other_phase):
+        speech, _ = tiny.inference(mel, None, generators(0, 5), [other, None])
+        assert not torch.equal(speech[0], seeded[0][0]) and torch.equal(speech[1], seeded[0][1])
+    with pytest.raises(ValueError, match=r"excitation row 0: expected phase \(9, 1\) and noise \(9, 4320\)"):
+        tiny.inference(mel, None, generators(0, 5), [draw_excitation(None, H, N - 1), None])
+    with pytest.raises(ValueError, match="expected 2 excitation entries"):
+        tiny.inference(mel, None, generators(0, 5), drawn[:1])
 
 
 def test_batched_rows_equal_rows_alone(tiny_path: Path) -> None:

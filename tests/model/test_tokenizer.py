@@ -13,7 +13,8 @@ import pytest
 import regex
 
 from voice_agent.errors import CheckpointError, PromptError
-from voice_agent.model.tiny import PRETOKENIZE_PATTERN, byte_symbols, make_tiny
+from voice_agent.model.tiny import make_tiny
+from voice_agent.model.tiny_tokenizer import PRETOKENIZE_PATTERN, byte_symbols
 from voice_agent.model.tokenizer import SPEECH_TOKEN_INDEX, OmniTokenizers, Turn
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."

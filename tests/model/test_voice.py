@@ -11,15 +11,15 @@ import soundfile as sf
 import torch
 
 from voice_agent.errors import AudioInputError, VoiceError
+from voice_agent.model.cosy2.tiny import write_tiny_voices
 from voice_agent.model.cosy2.voice import (
     campplus_embedding,
     campplus_features,
     kaldi_fbank,
     load_voice,
-    read_audio_16k,
     read_embedding_file,
+    read_prompt_16k,
     resample,
-    write_tiny_voices,
 )
 
 
@@ -189,7 +189,7 @@ def test_default_voice_is_computed_from_its_prompt_once_and_cached(tmp_path: Pat
     t = np.arange(int(0.6 * rate)) / rate
     prompt = (0.2 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
     sf.write(tmp_path / "prompt_zh.wav", np.stack([prompt, prompt], axis=1), rate, subtype="FLOAT")
-    wav16k = read_audio_16k(tmp_path / "prompt_zh.wav")
+    wav16k = read_prompt_16k(tmp_path / "prompt_zh.wav")
     np.testing.assert_allclose(wav16k, resample(prompt, rate), atol=1e-6)  # channel mean, no rescaling
     emb = load_voice("zh", tmp_path)
     expected = (campplus_features(wav16k).numpy() ** 2).mean(axis=0) @ weight

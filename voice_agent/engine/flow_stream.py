@@ -21,19 +21,21 @@ Two modes:
   only difference from the faithful mode is the lost left context (`bounded_context_deviation` measures
   it; `DEFAULT_CONTEXT_UNITS` was chosen with it).
 
-Either mode can run cached (`cached=True`, flow_cache): the estimator keeps the keys, values and conv
-edges of completed chunks and computes only the frames from the last chunk boundary on, instead of the
-whole window (per-block cost: the current chunk, at most 100 frames + 6, instead of 200-300 frames).
+Either mode can run cached (`cached=True`; `model.cosy2.flow_cached` with a `flow_cache.FlowCache` per
+stream): the estimator keeps the keys, values and conv edges of completed chunks and computes only the
+frames from the last chunk boundary on, instead of the whole window (per-block cost: the current chunk,
+at most 100 frames + 6, instead of 200-300 frames).
 Faithful + cached gives the faithful mel up to float rounding. Bounded + cached keeps the cached chunks
 inside the window: the estimator's context was computed with more left context than a recompute of the
 window would have, so it is closer to faithful than bounded alone (`bounded_context_deviation` measures
 both). The cost is memory (`FlowCache.bytes_for`). A flow without chunking (chunk size 0) cannot be
 cached and always recomputes.
 
-Each stream draws its own fixed noise from `torch.Generator().manual_seed(seed)`, lazily in blocks of
-`NOISE_BLOCK_FRAMES` (a full 300-s buffer would be 4.8 MB per session); in bounded mode blocks before the
-window are freed, so memory stays flat. `push_many` runs several streams in one padded flow call and gives
-each the same mel as its own `push`.
+Each stream draws its own fixed noise from `torch.Generator().manual_seed(seed)`, lazily in blocks
+(`model.cosy2.flow.NoiseSource`); in bounded mode blocks before the window are freed, so memory stays flat.
+`noise=` (80, >= 2 * reply units) replaces the seeded draws with given values (to compare a run with
+another implementation's); the values are read at the same absolute frames as the seeded ones.
+`push_many` runs several streams in one padded flow call and gives each the same mel as its own `push`.
 """
 
 from __future__ import annotations
@@ -43,54 +45,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
 
 import torch
 
-from voice_agent.engine.flow_cache import CachedCall, FlowCache
-from voice_agent.model.cosy2.flow_config import N_MELS, FlowConfig
+from voice_agent.engine.flow_cache import FlowCache
+from voice_agent.model.cosy2.flow import Flow, NoiseSource
+from voice_agent.model.cosy2.flow_cached import CachedCall
+from voice_agent.model.cosy2.flow_config import FlowConfig
 from voice_agent.model.cosy2.flow_estimator import CONV_KERNEL
 
-if TYPE_CHECKING:
-    from voice_agent.model.cosy2.flow import Flow
-
-NOISE_BLOCK_FRAMES = 500  # 10 s of mel per lazily drawn noise block
 DEFAULT_CONTEXT_UNITS = 100  # bounded mode: at least 4 s of left context (see bounded_context_deviation)
 LIVE_BLOCK_UNITS = 10  # units per push in the reference's live path
-
-
-class NoiseSource:
-    """Fixed N(0, 1) noise of shape (channels, unbounded), reproducible from `seed`, drawn lazily."""
-
-    def __init__(self, seed: int, channels: int = N_MELS, block_frames: int = NOISE_BLOCK_FRAMES):
-        self.seed, self.channels, self.block_frames = seed, channels, block_frames
-        self._generator: torch.Generator | None = None
-        self._blocks: dict[int, torch.Tensor] = {}
-        self._drawn = 0  # blocks drawn so far
-        self._released = 0  # blocks below this index were freed
-
-    def frames(self, start: int, stop: int) -> torch.Tensor:
-        """Noise for absolute frames [start, stop): (channels, stop - start) float32 on the CPU."""
-        if not 0 <= start <= stop:
-            raise ValueError(f"noise frames: expected 0 <= start <= stop, got [{start}, {stop})")
-        if start < self._released * self.block_frames:
-            raise ValueError(f"noise frames before {self._released * self.block_frames} were released, got {start}")
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.seed)
-        while self._drawn * self.block_frames < stop:
-            block = torch.randn(self.channels, self.block_frames, generator=self._generator)
-            self._blocks[self._drawn] = block
-            self._drawn += 1
-        first, last = start // self.block_frames, max(start, stop - 1) // self.block_frames
-        pieces = torch.cat([self._blocks[b] for b in range(first, last + 1)], dim=1)  # (C, blocks * F)
-        offset = start - first * self.block_frames
-        return pieces[:, offset : offset + stop - start]
-
-    def release_before(self, frame: int) -> None:
-        """Free the blocks that lie entirely before `frame` (they can no longer be read)."""
-        for b in range(self._released, frame // self.block_frames):
-            self._blocks.pop(b, None)
-        self._released = max(self._released, frame // self.block_frames)
 
 
 def _align_units(cfg: FlowConfig) -> int:
@@ -135,14 +100,16 @@ class FlowStream:
     """The flow state of one spoken reply (see the module docstring)."""
 
     def __init__(self, flow: Flow, spk: torch.Tensor, seed: int, context_units: int | None = None,
-                 cached: bool = False):
+                 cached: bool = False, noise: torch.Tensor | None = None):
         cfg = flow.cfg
         if tuple(spk.shape) != (cfg.spk_embed_dim,):
             raise ValueError(f"spk: expected shape ({cfg.spk_embed_dim},), got {tuple(spk.shape)}")
         if context_units is not None and (not isinstance(context_units, int) or context_units < 0):
             raise ValueError(f"context_units: expected None or an integer >= 0, got {context_units!r}")
+        if noise is not None and (noise.dim() != 2 or noise.size(0) != cfg.output_size):
+            raise ValueError(f"noise: expected ({cfg.output_size}, frames), got {tuple(noise.shape)}")
         self.flow, self.spk, self.context_units = flow, spk, context_units
-        self.noise = NoiseSource(seed, cfg.output_size)
+        self.noise = NoiseSource(seed, cfg.output_size) if noise is None else NoiseSource.given(noise)
         self.units: list[int] = []
         self.token_offset = 0  # units whose frames were emitted
         self.state = StreamState.OPEN

@@ -8,7 +8,9 @@ first 3840 samples with the cached speech (symmetric Hamming window of 7680; its
 cross-fade) and, on the final call, flushes everything.
 
 `HiFTStream` is that scheme on mel input; `VocoderStream` puts a flow stream in front of it (the flow stream
-holds back the last 3 units for look-ahead). `vocode_mels` / `vocode_many` run several sessions in one HiFT
+holds back the last 3 units for look-ahead); `open_stream(decoder, spk, seed, ...)` opens one for a loaded
+`Cosy2Decoder`. The random draws (flow noise, HiFT excitation) are seeded per session and can be given
+instead, to compare a run with another implementation's. `vocode_mels` / `vocode_many` run several sessions in one HiFT
 call when their mel lengths and cache states match; rows draw their excitation noise from their own
 session generator, so a batched call equals the per-session calls.
 
@@ -19,27 +21,23 @@ call with no new frames emits nothing and leaves the cache untouched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from enum import Enum
 
 import numpy as np
 import torch
 
+from voice_agent.audio import SAMPLES_PER_MEL_FRAME
 from voice_agent.engine.flow_stream import LIVE_BLOCK_UNITS, FlowStream, push_many
-from voice_agent.model.cosy2.flow_config import TOKEN_MEL_RATIO, FlowConfig
-from voice_agent.model.cosy2.hift import SAMPLES_PER_FRAME, HiFT
+from voice_agent.model.cosy2.decoder import Cosy2Decoder
+from voice_agent.model.cosy2.hift import Excitation, HiFT
 
-MEL_FRAMES_PER_UNIT = TOKEN_MEL_RATIO  # 2 mel frames per speech unit
-SAMPLES_PER_UNIT = MEL_FRAMES_PER_UNIT * SAMPLES_PER_FRAME  # 960 samples = 40 ms at 24 kHz
 MEL_CACHE_FRAMES = 8  # mel frames re-vocoded at the start of the next call
-SOURCE_CACHE_SAMPLES = MEL_CACHE_FRAMES * SAMPLES_PER_FRAME  # 3840 excitation samples
+SOURCE_CACHE_SAMPLES = MEL_CACHE_FRAMES * SAMPLES_PER_MEL_FRAME  # 3840 excitation samples
 SPEECH_CACHE_SAMPLES = SOURCE_CACHE_SAMPLES  # 3840 speech samples kept for the cross-fade
 HELD_BACK_SAMPLES = SPEECH_CACHE_SAMPLES  # audio a non-final call withholds (160 ms)
 CROSSFADE_WINDOW = np.hamming(2 * SPEECH_CACHE_SAMPLES)  # symmetric, float64, (7680,)
-LOOKAHEAD_UNITS = FlowConfig().pre_lookahead_len  # 3 units the flow stream re-synthesises on the next call
 UNITS_PER_BLOCK = LIVE_BLOCK_UNITS  # 10 units the TTS LM writes per burst in the live schedule
-FIRST_CHUNK_SAMPLES = (UNITS_PER_BLOCK - LOOKAHEAD_UNITS) * SAMPLES_PER_UNIT - HELD_BACK_SAMPLES  # 2880
-STEADY_CHUNK_SAMPLES = UNITS_PER_BLOCK * SAMPLES_PER_UNIT  # 9600 samples = 400 ms per later block
 # A session seeds its flow noise with `seed` and its HiFT excitation with `seed ^ EXCITATION_SEED_SALT`, so the
 # two generators never replay the same random stream.
 EXCITATION_SEED_SALT = 0x48494654
@@ -54,12 +52,17 @@ class StreamPhase(Enum):
 
 
 class HiFTStream:
-    """One session's HiFT cache and excitation generator; `push(mel, final)` returns new audio."""
+    """One session's HiFT cache and excitation generator; `push(mel, final)` returns new audio.
 
-    def __init__(self, hift: HiFT, seed: int):
+    `excitation` (optional) gives the excitation draws instead: one `Excitation` per HiFT call this stream
+    makes, in order (each over the call's mel frames, the 8 re-vocoded ones included); the seeded generator
+    is then not used."""
+
+    def __init__(self, hift: HiFT, seed: int, excitation: Iterable[Excitation] | None = None):
         self.hift = hift
         device = hift.conv_pre.weight.device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.excitation: Iterator[Excitation] | None = None if excitation is None else iter(excitation)
         self.phase = StreamPhase.WARMUP
         dtype = hift.conv_pre.weight.dtype
         self.pending = torch.zeros(hift.cfg.in_channels, 0, device=device, dtype=dtype)  # (80, t) not vocoded yet
@@ -137,19 +140,31 @@ def vocode_mels(hift: HiFT, streams: Sequence[HiFTStream], mels: Sequence[torch.
         batch = torch.stack([full for _, full in rows])  # (B, 80, T)
         sources = [streams[i].source_cache for i, _ in rows]
         cache = torch.stack([c for c in sources if c is not None]) if cached else None  # (B, 1, 3840)
-        speech, source = hift.inference(batch, cache, [streams[i].generator for i, _ in rows])
+        given = [_next_excitation(streams[i]) for i, _ in rows]
+        speech, source = hift.inference(batch, cache, [streams[i].generator for i, _ in rows],
+                                        given if any(e is not None for e in given) else None)
         for row, (i, full) in enumerate(rows):
             results[i] = _finish(streams[i], full, speech[row], source[row], finals[i])
     return results
 
 
+def _next_excitation(stream: HiFTStream) -> Excitation | None:
+    if stream.excitation is None:
+        return None
+    given = next(stream.excitation, None)
+    if given is None:
+        raise ValueError("vocode_mels: the stream's given excitation draws ran out")
+    return given
+
+
 class VocoderStream:
     """One session from units to audio: a flow stream feeding a `HiFTStream` (whose excitation generator is
-    seeded with `seed`; see `EXCITATION_SEED_SALT`)."""
+    seeded with `seed`; see `EXCITATION_SEED_SALT`; `excitation` gives its draws instead)."""
 
-    def __init__(self, flow_stream: FlowStream, hift: HiFT, seed: int):
+    def __init__(self, flow_stream: FlowStream, hift: HiFT, seed: int,
+                 excitation: Iterable[Excitation] | None = None):
         self.flow_stream = flow_stream
-        self.hift_stream = HiFTStream(hift, seed)
+        self.hift_stream = HiFTStream(hift, seed, excitation)
 
     @property
     def phase(self) -> StreamPhase:
@@ -169,3 +184,14 @@ def vocode_many(streams: Sequence[VocoderStream], unit_blocks: Sequence[Sequence
     hift = streams[0].hift_stream.hift
     mels = push_many([s.flow_stream for s in streams], [list(u) for u in unit_blocks], list(finals))
     return vocode_mels(hift, [s.hift_stream for s in streams], mels, finals)
+
+
+def open_stream(decoder: Cosy2Decoder, spk: torch.Tensor, seed: int, context_units: int | None = None,
+                cached: bool = True, *, noise: torch.Tensor | None = None,
+                excitation: Iterable[Excitation] | None = None) -> VocoderStream:
+    """A new session of `decoder`: units in, 24 kHz audio out. The flow noise is seeded with `seed`, the
+    HiFT excitation with `seed ^ EXCITATION_SEED_SALT`; `noise` (80, >= 2 * units) and `excitation` give
+    those draws instead. `context_units` bounds the flow's window, `cached` keeps completed chunks (see
+    flow_stream)."""
+    flow_stream = FlowStream(decoder.flow, spk, seed, context_units=context_units, cached=cached, noise=noise)
+    return VocoderStream(flow_stream, decoder.hift, seed ^ EXCITATION_SEED_SALT, excitation)

@@ -27,12 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from voice_agent.model import tiny
+from voice_agent.model import tiny, tiny_tokenizer
 from voice_agent.model.adapter import SpeechProjector
 from voice_agent.model.config import OmniConfig, Qwen2Dims
 from voice_agent.model.cosy2.decoder import Cosy2Decoder
-from voice_agent.model.cosy2.flow import Flow, FlowConfig
-from voice_agent.model.cosy2.hift import HiFT, HiFTConfig, random_hift
+from voice_agent.model.cosy2.flow import Flow
+from voice_agent.model.cosy2.flow_config import FlowConfig
+from voice_agent.model.cosy2.hift import HiFT
+from voice_agent.model.cosy2.hift_config import HiFTConfig
+from voice_agent.model.cosy2.tiny import random_hift
 from voice_agent.model.encoder import WhisperEncoder
 from voice_agent.model.qwen2 import Qwen2ForCausalLM
 from voice_agent.model.sampling import GenerationSettings
@@ -81,7 +84,7 @@ def _config(llm: Qwen2Dims, tts: Qwen2Dims, whisper: dict[str, int], eos_id: int
 def _tokenizers(llm: Qwen2Dims | None, tts: Qwen2Dims | None) -> tuple[Qwen2Dims, Qwen2Dims, Any, Any, int]:
     """(LLM dims, TTS dims, LLM tokenizer, TTS tokenizer, eos id): the tiny tokenizers, and the tiny dims
     when the preset has none."""
-    vocab = tiny.TinyVocab.build()
+    vocab = tiny_tokenizer.TinyVocab.build()
     if llm is None or tts is None:
         llm_len, tts_len = len(vocab.bpe) + len(vocab.llm_added), len(vocab.bpe) + len(vocab.tts_added)
         llm_vocab = -(-llm_len // tiny.LLM_VOCAB_MULTIPLE) * tiny.LLM_VOCAB_MULTIPLE
@@ -89,10 +92,10 @@ def _tokenizers(llm: Qwen2Dims | None, tts: Qwen2Dims | None) -> tuple[Qwen2Dims
         tts = Qwen2Dims(**tiny.TTS_SHAPE, vocab_size=tts_len, tie_word_embeddings=True)
     with tempfile.TemporaryDirectory(prefix="voice-agent-preset-") as tmp:
         d = Path(tmp)
-        tiny.write_tokenizer(d, vocab, vocab.llm_added, eos=tiny.IM_END)
-        tiny.write_tokenizer(d / TTS_TOKENIZER_DIR, vocab, vocab.tts_added, eos=tiny.ENDOFTEXT)
+        tiny_tokenizer.write_tokenizer(d, vocab, vocab.llm_added, eos=tiny_tokenizer.IM_END)
+        tiny_tokenizer.write_tokenizer(d / TTS_TOKENIZER_DIR, vocab, vocab.tts_added, eos=tiny_tokenizer.ENDOFTEXT)
         llm_tok, tts_tok = load_tokenizer(d), load_tokenizer(d / TTS_TOKENIZER_DIR)
-    return llm, tts, llm_tok, tts_tok, int(llm_tok.convert_tokens_to_ids(tiny.IM_END))
+    return llm, tts, llm_tok, tts_tok, int(llm_tok.convert_tokens_to_ids(tiny_tokenizer.IM_END))
 
 
 def _randomize(module: nn.Module, generator: torch.Generator) -> None:

@@ -6,7 +6,7 @@
                                [generation_config.json], vocab.json, merges.txt, tokenizer_config.json,
                                added_tokens.json, special_tokens_map.json, tts_tokenizer/ (same file kinds)
     DIR/speech_encoder/large-v3.pt   openai-whisper format {"dims": ..., "model_state_dict": ...}
-    DIR/cosy2_decoder/         flow.pt, hift.pt, cosyvoice.yaml, voices/ (voice_agent.model.cosy2.decoder)
+    DIR/cosy2_decoder/         flow.pt, hift.pt, cosyvoice.yaml, voices/ (voice_agent.model.cosy2.tiny)
 
 so tests run the same loading code as the official files. Every key of the official state dict is present
 at tiny shapes (`omni_shapes`, the one key/shape table, derived from the dims). Values: N(0, 0.02) for
@@ -16,31 +16,35 @@ keys are written (tied/untied, sharded or not give identical shared tensors); th
 bytes. Weights are float32 by default (exact comparisons in tests); `dtype=torch.bfloat16` mirrors the
 official files. The encoder tensors of the Whisper .pt are the `model.speech_encoder.*` tensors, unchanged.
 
-The tokenizers are byte-level BPE in the Qwen2 style: the 256 byte symbols, merges learned from a short
-English text, then the specials. Ids: BPE tokens, `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, then
-`<speech>` (LLM) / `<sep>` (TTS) at the same id, then (TTS only) unit tokens "<0>".."<6560>". The LLM
-vocab_size is padded above the tokenizer length as Qwen pads its embedding table.
+The tokenizers are byte-level BPE in the Qwen2 style, written by `tiny_tokenizer`; the LLM vocab_size is
+padded above the tokenizer length as Qwen pads its embedding table. The decoder directory is written by
+`cosy2.tiny`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import regex
 import torch
 from safetensors.torch import save_file
 
 from voice_agent.model.config import Qwen2Dims
+from voice_agent.model.cosy2.tiny import write_tiny_cosy2_decoder
+from voice_agent.model.tiny_tokenizer import (
+    ENDOFTEXT,
+    IM_END,
+    UNIT_VOCAB_SIZE,
+    TinyVocab,
+    write_json,
+    write_tokenizer,
+)
 
 # Shapes of the tiny model (architecture.md §1.3-1.7 give the real ones).
-UNIT_VOCAB_SIZE = 6561  # CosyVoice2 speech units, as real
 WHISPER_HEAD_DIM = 64  # every Whisper model; n_head = n_state // 64
 LLM_SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 TTS_SHAPE = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
@@ -62,122 +66,6 @@ ENCODER_DIR = "speech_encoder"
 ENCODER_FILE = "large-v3.pt"
 COSY2_DIR = "cosy2_decoder"
 SPEECH_ENCODER_FIELD = "models/speech_encoder/large-v3.pt"  # as written in the official config.json
-
-# Tokenizer
-NUM_MERGES = 120
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPEECH, SEP = "<speech>", "<sep>"
-DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-# The Qwen2 pre-tokenizer split (contractions, letter runs, single digits, punctuation runs, whitespace).
-PRETOKENIZE_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-MERGE_CORPUS = (
-    "Hello! How can I help you today? I am a helpful assistant and I am happy to answer your question. "
-    "The weather is nice today, so you could go for a walk in the park. Here is what I think about that: "
-    "there are many things that you can do with your time, and the best one is the one that you enjoy. "
-    "Thank you for asking. Is there anything else that I can help you with? Let me know what you would "
-    "like to talk about, and I will do my best to give you a good answer."
-)
-CHAT_TEMPLATE = (  # the Qwen2.5-Instruct layout (architecture.md §2.5), tools left out
-    "{%- if messages and messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}{%- if not (loop.first and message['role'] == 'system') %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-
-def byte_symbols() -> list[str]:
-    """The GPT-2 byte-level alphabet: the symbol of byte b at index b."""
-    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # these map to themselves
-    shifted = iter(range(256, 512))  # the others to 256, 257, ... in byte order
-    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
-
-
-def learn_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
-    """Byte-level BPE training: repeatedly merge the most frequent adjacent pair (ties: smallest pair)."""
-    symbol = byte_symbols()
-    pieces = regex.findall(PRETOKENIZE_PATTERN, text)
-    words = Counter(tuple(symbol[b] for b in piece.encode()) for piece in pieces)
-    merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, count in words.items():
-            for pair in zip(word, word[1:], strict=False):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        # Byte-level symbols never contain a space: a word is its symbols joined by spaces while merging.
-        joined = regex.compile(r"(?<!\S)" + regex.escape(" ".join(best)) + r"(?!\S)")
-        merged = (joined.sub("".join(best), " ".join(word)) for word in words)
-        words = Counter({tuple(m.split(" ")): n for m, n in zip(merged, words.values(), strict=True)})
-    return merges
-
-
-@dataclass(frozen=True)
-class TinyVocab:
-    """The BPE vocabulary and the added tokens of both tiny tokenizers."""
-
-    bpe: dict[str, int]
-    merges: list[tuple[str, str]]
-    llm_added: list[tuple[str, bool]]  # (content, special) in id order after the BPE tokens
-    tts_added: list[tuple[str, bool]]
-
-    @classmethod
-    def build(cls) -> TinyVocab:
-        merges = learn_merges(MERGE_CORPUS, NUM_MERGES)
-        tokens = byte_symbols()
-        order = sorted(range(256), key=lambda b: (tokens[b] != chr(b), b))  # printable bytes first, as GPT-2
-        bpe = {tokens[b]: i for i, b in enumerate(order)}
-        for a, b in merges:
-            bpe.setdefault(a + b, len(bpe))
-        specials = [(ENDOFTEXT, True), (IM_START, True), (IM_END, True)]
-        units = [(f"<{u}>", False) for u in range(UNIT_VOCAB_SIZE)]
-        return cls(bpe, merges, [*specials, (SPEECH, True)], [*specials, (SEP, True), *units])
-
-    def special_id(self, token: str) -> int:
-        """Id of one of the specials shared by both tokenizers."""
-        return len(self.bpe) + [ENDOFTEXT, IM_START, IM_END].index(token)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def write_tokenizer(out_dir: Path, vocab: TinyVocab, added: list[tuple[str, bool]], eos: str) -> None:
-    """Write a Qwen2-style tokenizer (vocab.json, merges.txt, tokenizer_config.json, added_tokens.json,
-    special_tokens_map.json) with `added` after the BPE tokens and `eos` as its eos token."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "vocab.json", vocab.bpe)
-    (out_dir / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in vocab.merges), encoding="utf-8"
-    )
-    first = len(vocab.bpe)
-    _write_json(out_dir / "added_tokens.json", {t: first + i for i, (t, _) in enumerate(added)})
-    extra_specials = [t for t, special in added if special and t not in (ENDOFTEXT, eos)]
-
-    def token(content: str, special: bool) -> dict[str, Any]:
-        return dict(content=content, lstrip=False, normalized=not special, rstrip=False, single_word=False)
-
-    _write_json(out_dir / "special_tokens_map.json", {
-        "additional_special_tokens": extra_specials, "eos_token": token(eos, True),
-        "pad_token": token(ENDOFTEXT, True),
-    })
-    decoder = {str(first + i): token(t, s) | {"special": s} for i, (t, s) in enumerate(added)}
-    _write_json(out_dir / "tokenizer_config.json", {
-        "add_prefix_space": False, "added_tokens_decoder": decoder,
-        "additional_special_tokens": extra_specials,
-        "bos_token": None, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
-        "eos_token": eos, "errors": "replace", "model_max_length": 4096, "pad_token": ENDOFTEXT,
-        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
-    })
-
 
 def qwen2_shapes(prefix: str, d: Qwen2Dims) -> dict[str, tuple[int, ...]]:
     """Keys of a transformers Qwen2Model state dict under `prefix`."""
@@ -346,7 +234,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], model_dir: Path, sharded
         save_file({k: tensors[k] for k in shard}, str(model_dir / name), metadata=metadata)
         weight_map |= {k: name for k in shard}
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _write_json(model_dir / "model.safetensors.index.json", index)
+    write_json(model_dir / "model.safetensors.index.json", index)
 
 
 def make_tiny(
@@ -358,12 +246,15 @@ def make_tiny(
     sharded: bool = False,
     with_generation_config: bool = False,
     dtype: torch.dtype = torch.float32,
+    whisper_head_dim: int = WHISPER_HEAD_DIM,
 ) -> TinyPaths:
     """Write the tiny checkpoint set under `out_dir` (see the module docstring) and return its paths.
 
     `tied`: tie_word_embeddings of the LLM; with `store_lm_head` a tied lm_head is stored equal to the
     embedding, without it omitted; untied writes a distinct lm_head. The TTS lm_head is always stored, equal
-    to the TTS embedding. `sharded` splits the weights into two shards plus an index.
+    to the TTS embedding. `sharded` splits the weights into two shards plus an index. `whisper_head_dim`
+    sets the encoder's head count in the whisper file's dims (n_state // head dim); no tensor shape
+    depends on it.
     """
     root = Path(out_dir)
     model_dir, encoder_path = root / MODEL_DIR, root / ENCODER_DIR / ENCODER_FILE
@@ -377,9 +268,9 @@ def make_tiny(
     llm_vocab = -(-llm_len // LLM_VOCAB_MULTIPLE) * LLM_VOCAB_MULTIPLE  # padded, as Qwen's
     llm = Qwen2Dims(**LLM_SHAPE, vocab_size=llm_vocab, tie_word_embeddings=tied)
     tts = Qwen2Dims(**TTS_SHAPE, vocab_size=tts_len, tie_word_embeddings=True)
-    _write_json(model_dir / "config.json", _model_config(vocab, llm, tts, dtype))
+    write_json(model_dir / "config.json", _model_config(vocab, llm, tts, dtype))
     if with_generation_config:
-        _write_json(model_dir / "generation_config.json", _generation_config(vocab))
+        write_json(model_dir / "generation_config.json", _generation_config(vocab))
 
     shapes = omni_shapes(llm, tts, WHISPER_DIMS, PROJECTOR_HIDDEN, DS_RATE, lm_head=store_lm_head or not tied)
     tensors = {key: random_tensor(key, shape, seed).to(dtype) for key, shape in shapes.items()}
@@ -393,9 +284,8 @@ def make_tiny(
     whisper_state = {k.replace(prefix, "encoder."): t.clone() for k, t in tensors.items() if prefix in k}
     decoder_shapes = whisper_decoder_shapes("decoder.", WHISPER_DIMS)
     whisper_state |= {key: random_tensor(key, shape, seed).to(dtype) for key, shape in decoder_shapes.items()}
-    torch.save({"dims": dict(WHISPER_DIMS), "model_state_dict": whisper_state}, str(encoder_path))
-
-    from voice_agent.model.cosy2.decoder import write_tiny_cosy2_decoder  # flow + HiFT + voices (model core II)
+    dims = WHISPER_DIMS | {"n_audio_head": WHISPER_N_AUDIO_STATE // whisper_head_dim}
+    torch.save({"dims": dims, "model_state_dict": whisper_state}, str(encoder_path))
 
     cosy2_dir = write_tiny_cosy2_decoder(root / COSY2_DIR, seed)
     return TinyPaths(root, model_dir, model_dir / TTS_TOKENIZER_DIR, encoder_path, cosy2_dir)

@@ -26,11 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voice_agent.engine.vocoder import EXCITATION_SEED_SALT, SAMPLES_PER_UNIT, UNITS_PER_BLOCK, HiFTStream
+from voice_agent.audio import OUTPUT_SAMPLE_RATE, SAMPLES_PER_UNIT
+from voice_agent.engine.flow_stream import DEFAULT_CONTEXT_UNITS, FlowStream
+from voice_agent.engine.vocoder import EXCITATION_SEED_SALT, UNITS_PER_BLOCK, HiFTStream
 from voice_agent.errors import VoiceAgentError
-from voice_agent.model.cosy2.decoder import Cosy2Decoder, write_tiny_cosy2_decoder
-from voice_agent.model.cosy2.flow import DEFAULT_CONTEXT_UNITS, Flow, FlowConfig, FlowStream
-from voice_agent.model.cosy2.hift import SAMPLE_RATE_HZ, HiFT, HiFTConfig, random_hift
+from voice_agent.model.cosy2.decoder import Cosy2Decoder
+from voice_agent.model.cosy2.flow import Flow
+from voice_agent.model.cosy2.flow_config import FlowConfig
+from voice_agent.model.cosy2.hift import HiFT
+from voice_agent.model.cosy2.hift_config import HiFTConfig
+from voice_agent.model.cosy2.tiny import random_hift, write_tiny_cosy2_decoder
 
 EDGE_BLOCKS = 5  # blocks averaged at the start and at the end of the reply
 
@@ -149,7 +154,7 @@ def report(runs: dict[str, StreamRun], n_units: int) -> None:
         print(f"{name}: median flow ms first {len(first)} blocks {_median_ms([x.flow_s for x in first]):.1f}, "
               f"last {len(last)} {_median_ms([x.flow_s for x in last]):.1f}; "
               f"median hift ms {_median_ms([x.hift_s for x in t]):.1f}; "
-              f"RTF {total / (n_units * SAMPLES_PER_UNIT / SAMPLE_RATE_HZ):.3f}")
+              f"RTF {total / (n_units * SAMPLES_PER_UNIT / OUTPUT_SAMPLE_RATE):.3f}")
     ref = runs[names[0]]
     for name in names[1:]:
         print(_deviation(f"mel ({name} vs {names[0]})", ref.mel.numpy(), runs[name].mel.numpy()))
@@ -167,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     units = [int(u) for u in rng.integers(0, flow.cfg.vocab_size, args.reply_units)]
     print(f"weights: {what}; device {device}; threads {torch.get_num_threads()}; reply {args.reply_units} units "
-          f"({args.reply_units * SAMPLES_PER_UNIT / SAMPLE_RATE_HZ:.1f} s) in blocks of {args.block}")
+          f"({args.reply_units * SAMPLES_PER_UNIT / OUTPUT_SAMPLE_RATE:.1f} s) in blocks of {args.block}")
     stream_once(flow, hift, spk, units[: 2 * args.block], args.block, None, args.seed)  # warm-up
     n = args.context_units
     runs = {

@@ -11,6 +11,10 @@ file is present and otherwise uses the official defaults (`FlowConfig()`, `HiFTC
 missing from the yaml also keeps its defaults. Files other than flow.pt, hift.pt, cosyvoice.yaml,
 campplus.onnx, spk2info.pt, prompt_*.wav and voices/ are ignored (the reference also loads a 1 GB text
 LLM and a speech tokenizer that LLaMA-Omni2 never uses).
+
+A decoder holds no per-session state: streaming a reply through it (flow stream + HiFT stream) is
+`voice_agent.engine.vocoder.open_stream(decoder, ...)`; `voice_agent.model.cosy2.tiny` writes a random
+directory for tests.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from typing import Any
 import torch
 import yaml
 
-from voice_agent.engine.vocoder import EXCITATION_SEED_SALT, VocoderStream
 from voice_agent.errors import CheckpointError
-from voice_agent.model.cosy2.flow import Flow, FlowConfig, FlowStream, load_flow, write_tiny_flow
-from voice_agent.model.cosy2.hift import HiFT, HiFTConfig, load_hift, write_tiny_hift
-from voice_agent.model.cosy2.voice import load_voice, write_tiny_voices
+from voice_agent.model.cosy2.flow import Flow, load_flow
+from voice_agent.model.cosy2.flow_config import FlowConfig
+from voice_agent.model.cosy2.hift import HiFT, load_hift
+from voice_agent.model.cosy2.hift_config import HiFTConfig
+from voice_agent.model.cosy2.voice import load_voice
 
 YAML_FILE = "cosyvoice.yaml"
 FLOW_FILE = "flow.pt"
@@ -247,23 +252,11 @@ class Cosy2Decoder:
         """A speaker embedding (192,) for a voice name, embedding file or recording (see voice.py)."""
         return load_voice(voice, self.directory, prompt_dir)
 
-    def stream(self, spk: torch.Tensor, seed: int, context_units: int | None = None,
-               cached: bool = True) -> VocoderStream:
-        """A new session: units in, 24 kHz audio out (`context_units` bounds the flow's window, `cached` keeps
-        completed chunks; see flow_stream)."""
-        flow_stream = FlowStream(self.flow, spk, seed, context_units=context_units, cached=cached)
-        return VocoderStream(flow_stream, self.hift, seed ^ EXCITATION_SEED_SALT)
+    def stream(self, spk: torch.Tensor, seed: int, context_units: int | None = None, cached: bool = True) -> Any:
+        """Temporary: `voice_agent.engine.vocoder.open_stream(decoder, spk, seed, context_units, cached)`.
 
+        Kept only until engine/worker.py and tools/bench.py call `open_stream`; it imports the engine from
+        the model layer and goes with those two edits."""
+        from voice_agent.engine.vocoder import open_stream
 
-def write_tiny_cosy2_decoder(directory: str | Path, seed: int = 0) -> Path:
-    """Write a tiny decoder directory: flow.pt, hift.pt, cosyvoice.yaml and default voices.
-
-    Same seed, same bytes."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    flow_cfg, hift_cfg = FlowConfig.tiny(), HiFTConfig.tiny()
-    write_tiny_flow(d / FLOW_FILE, flow_cfg, seed)
-    write_tiny_hift(d / HIFT_FILE, hift_cfg, seed)
-    (d / YAML_FILE).write_text(cosyvoice_yaml_text(flow_cfg, hift_cfg), encoding="utf-8")
-    write_tiny_voices(d, seed)
-    return d
+        return open_stream(self, spk, seed, context_units, cached)

@@ -15,19 +15,20 @@ Rows of different lengths in one batch give the same mel as each row alone (padd
 
 Deviations from the reference (CV@81edc83 `CausalMaskedDiffWithXvec.inference`): batch-first with any
 batch size; `finalize` may differ per row; the CFM noise is our own seeded buffer (the reference's values
-depend on its construction-time global RNG), drawn lazily and unbounded, one buffer per session when
-streaming (see `flow_stream.NoiseSource`); a single call is still limited to `noise_frames` (300 s), as in
+depend on its construction-time global RNG), drawn lazily and unbounded (`NoiseSource`), one buffer per
+session when streaming; the noise can be given instead (a tensor, or `NoiseSource.given`) to compare a
+run with another implementation's draws; a single call is still limited to `noise_frames` (300 s), as in
 the reference; unit ids outside [0, vocab) raise instead of indexing out of range.
 
 Files: `flow.pt` is a plain state dict with the official top-level keys (`input_embedding.weight`,
 `spk_embed_affine_layer.*`, `encoder.*`, `encoder_proj.*`, `decoder.estimator.*`); `load_flow` loads it key
-for key and `write_tiny_flow` writes a random one for tests.
+for key (`voice_agent.model.cosy2.tiny.write_tiny_flow` writes a random one for tests). Streaming, with
+its per-reply state, is `voice_agent.engine.flow_stream`; the chunk-cached estimator call is
+`flow_cached`.
 """
 
 from __future__ import annotations
 
-import io
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,45 +36,69 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voice_agent.engine.flow_cache import CachedCall
-from voice_agent.engine.flow_stream import (
-    DEFAULT_CONTEXT_UNITS,
-    FlowDeviation,
-    FlowStream,
-    NoiseSource,
-    StreamState,
-    bounded_context_deviation,
-    flow_block_times,
-    push_many,
-)
 from voice_agent.errors import CheckpointError
-from voice_agent.model.cosy2.flow_config import FlowConfig
-from voice_agent.model.cosy2.flow_encoder import (
-    RelPositionMultiHeadedAttention,
-    UpsampleConformerEncoder,
-    length_mask,
-)
+from voice_agent.model.cosy2.flow_cached import CachedCall
+from voice_agent.model.cosy2.flow_config import N_MELS, FlowConfig
+from voice_agent.model.cosy2.flow_encoder import UpsampleConformerEncoder, length_mask
 from voice_agent.model.cosy2.flow_estimator import CausalUNetEstimator
 from voice_agent.model.weights import load_module, load_torch_file
 
-__all__ = [
-    "DEFAULT_CONTEXT_UNITS",
-    "Flow",
-    "FlowConfig",
-    "FlowDeviation",
-    "FlowStream",
-    "NoiseSource",
-    "StreamState",
-    "bounded_context_deviation",
-    "flow_block_times",
-    "load_flow",
-    "push_many",
-    "write_tiny_flow",
-]
-
 DEFAULT_NOISE_SEED = 1986  # seed of Flow.inference's own noise when none is given (the yaml's seed)
+NOISE_BLOCK_FRAMES = 500  # 10 s of mel per lazily drawn noise block
 FLOW_FILE_WHAT = "a CosyVoice2 flow state dict (flow.pt: top-level keys such as 'input_embedding.weight')"
-TINY_MEL_LEVEL = -6.0  # tiny random flow: final_proj bias, so mel ~ noise + level (log-mel range)
+
+
+class NoiseSource:
+    """Fixed N(0, 1) noise of shape (channels, unbounded), reproducible from `seed`, drawn lazily in blocks of
+    `block_frames` from `torch.Generator().manual_seed(seed)` (a 300-s buffer drawn at once would be 4.8 MB).
+
+    `NoiseSource.given(values)` serves injected values (channels, T) instead, e.g. another implementation's
+    draws; reading past frame T is an error."""
+
+    def __init__(self, seed: int, channels: int = N_MELS, block_frames: int = NOISE_BLOCK_FRAMES):
+        self.seed, self.channels, self.block_frames = seed, channels, block_frames
+        self._generator: torch.Generator | None = None
+        self._given = False
+        self._blocks: dict[int, torch.Tensor] = {}
+        self._drawn = 0  # blocks drawn so far
+        self._released = 0  # blocks below this index were freed
+
+    @classmethod
+    def given(cls, values: torch.Tensor) -> NoiseSource:
+        """A source that serves `values` (channels, T) for frames [0, T): one block, never drawn."""
+        if values.dim() != 2 or values.size(1) < 1 or not values.is_floating_point():
+            raise ValueError(f"noise: expected float values (channels, T >= 1), got {tuple(values.shape)} "
+                             f"{values.dtype}")
+        source = cls(0, values.size(0), values.size(1))
+        source._given = True
+        source._blocks[0] = values.detach().to(device="cpu", dtype=torch.float32)
+        source._drawn = 1
+        return source
+
+    def frames(self, start: int, stop: int) -> torch.Tensor:
+        """Noise for absolute frames [start, stop): (channels, stop - start) float32 on the CPU."""
+        if not 0 <= start <= stop:
+            raise ValueError(f"noise frames: expected 0 <= start <= stop, got [{start}, {stop})")
+        if start < self._released * self.block_frames:
+            raise ValueError(f"noise frames before {self._released * self.block_frames} were released, got {start}")
+        if self._given and stop > self.block_frames:
+            raise ValueError(f"noise: {self.block_frames} frames were given, frames up to {stop} are needed")
+        while self._drawn * self.block_frames < stop:
+            if self._generator is None:
+                self._generator = torch.Generator().manual_seed(self.seed)
+            block = torch.randn(self.channels, self.block_frames, generator=self._generator)
+            self._blocks[self._drawn] = block
+            self._drawn += 1
+        first, last = start // self.block_frames, max(start, stop - 1) // self.block_frames
+        pieces = torch.cat([self._blocks[b] for b in range(first, last + 1)], dim=1)  # (C, blocks * F)
+        offset = start - first * self.block_frames
+        return pieces[:, offset : offset + stop - start]
+
+    def release_before(self, frame: int) -> None:
+        """Free the blocks that lie entirely before `frame` (they can no longer be read)."""
+        for b in range(self._released, frame // self.block_frames):
+            self._blocks.pop(b, None)
+        self._released = max(self._released, frame // self.block_frames)
 
 
 class CausalCFM(nn.Module):
@@ -102,7 +127,7 @@ class CausalCFM(nn.Module):
     ) -> torch.Tensor:
         """mu, cond, noise (B, 80, T); mask (B, 1, T); spks (B, 80) -> x(t=1) (B, 80, T).
 
-        With `cached` (flow_cache), the T frames are each row's new frames, after its cached ones."""
+        With `cached` (flow_cached), the T frames are each row's new frames, after its cached ones."""
         B = mu.size(0)
         x = noise
         t_span = self.time_grid(mu.device, mu.dtype)
@@ -258,52 +283,3 @@ def load_flow(
     flow = flow.to_empty(device=device).to(dtype)
     load_module(flow, state, source=str(path))
     return flow.eval()
-
-
-def _random_state(cfg: FlowConfig, seed: int) -> OrderedDict[str, torch.Tensor]:
-    """Random weights of sensible size: LeCun-normal matrices, unit LayerNorms, output at log-mel level."""
-    g = torch.Generator().manual_seed(seed)
-
-    def normal(shape: torch.Size, std: float, mean: float = 0.0) -> torch.Tensor:
-        return torch.randn(shape, generator=g) * std + mean
-
-    with torch.device("meta"):
-        flow = Flow(cfg)
-    state: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for prefix, module in flow.named_modules():
-        for name, p in module.named_parameters(recurse=False):
-            key = f"{prefix}.{name}" if prefix else name
-            if isinstance(module, nn.LayerNorm):
-                value = normal(p.shape, 0.05, 1.0 if name == "weight" else 0.0)
-            elif isinstance(module, nn.Embedding):
-                value = normal(p.shape, 1.0)
-            elif isinstance(module, RelPositionMultiHeadedAttention):  # pos_bias_u / pos_bias_v
-                value = normal(p.shape, 0.1)
-            elif name == "bias":
-                value = (
-                    normal(p.shape, 0.5, TINY_MEL_LEVEL)
-                    if key == "decoder.estimator.final_proj.bias"
-                    else normal(p.shape, 0.02)
-                )
-            else:
-                fan_in = p[0].numel()
-                gain = 0.3 if key == "decoder.estimator.final_proj.weight" else 1.0
-                value = normal(p.shape, gain / fan_in**0.5)
-            state[key] = value.float()
-    expected = set(flow.state_dict())
-    if set(state) != expected:
-        raise AssertionError(f"tiny flow init missed keys: {sorted(expected ^ set(state))}")
-    return state
-
-
-def write_tiny_flow(path: str | Path, cfg: FlowConfig | None = None, seed: int = 0) -> FlowConfig:
-    """Write a random-weight `flow.pt` for `cfg` (default `FlowConfig.tiny()`); same seed -> same bytes."""
-    if cfg is not None and not isinstance(cfg, FlowConfig):
-        raise TypeError(f"write_tiny_flow: cfg expected a FlowConfig or None, got {type(cfg).__name__}")
-    cfg = cfg if cfg is not None else FlowConfig.tiny()
-    buffer = io.BytesIO()  # saving to memory keeps the archive name, hence the bytes, independent of `path`
-    torch.save(_random_state(cfg, seed), buffer)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buffer.getvalue())
-    return cfg

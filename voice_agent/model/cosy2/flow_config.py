@@ -24,9 +24,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-TOKEN_RATE_HZ = 25  # CosyVoice2 speech units per second (40 ms each)
-TOKEN_MEL_RATIO = 2  # mel frames per unit
-MEL_RATE_HZ = TOKEN_RATE_HZ * TOKEN_MEL_RATIO  # 50 mel frames per second (hop 480 at 24 kHz)
+from voice_agent.audio import MEL_FRAME_RATE_HZ, MEL_FRAMES_PER_UNIT, UNIT_RATE_HZ
+
+TOKEN_RATE_HZ = UNIT_RATE_HZ  # 25 CosyVoice2 speech units per second (40 ms each)
+TOKEN_MEL_RATIO = MEL_FRAMES_PER_UNIT  # 2 mel frames per unit
+MEL_RATE_HZ = MEL_FRAME_RATE_HZ  # 50 mel frames per second (hop 480 at 24 kHz)
 N_MELS = 80  # mel bins the flow writes and HiFT reads
 NOISE_SECONDS = 300  # the reference's fixed CFM noise buffer covers 300 s
 NOISE_FRAMES = NOISE_SECONDS * MEL_RATE_HZ  # 15000 frames

@@ -21,17 +21,14 @@ its own chunk only. Key names follow the official weights: resnets have `block1.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from voice_agent.model.cosy2.flow_cached import StepContext
 from voice_agent.model.cosy2.flow_config import FlowConfig
 from voice_agent.model.cosy2.flow_encoder import chunk_mask
-
-if TYPE_CHECKING:
-    from voice_agent.engine.flow_cache import StepContext
 
 TIME_SCALE = 1000.0  # t in [0, 1] is scaled by 1000 before the sinusoid
 TIME_BASE = 10000.0
@@ -266,7 +263,7 @@ class CausalUNetEstimator(nn.Module):
     ) -> torch.Tensor:
         """`bias` (from `attention_bias(mask)`) and `padded` (whether any mask entry is 0) are derived from
         `mask` when not given; a solver calling with the same mask many times passes them once computed.
-        `ctx` (flow_cache): x holds only the new frames of a cached call; the cached frames come from it."""
+        `ctx` (flow_cached): x holds only the new frames of a cached call; the cached frames come from it."""
         T = x.size(-1)
         if padded is None:
             padded = not bool(mask.bool().all())

@@ -16,7 +16,8 @@ A voice is one of (checked in this order by `load_voice`):
 CAM++ input features follow the reference exactly: audio resampled to 16 kHz (windowed-sinc, Hann window,
 width 6, roll-off 0.99), Kaldi fbank (80 bins, 25 ms / 10 ms frames, snip edges, povey window, pre-emphasis
 0.97, DC removal, no dither, 512-point FFT power spectrum, Kaldi mel scale 20 Hz..Nyquist, log with a float32
-eps floor), then per-utterance mean subtraction. Implemented here in torch (no torchaudio).
+eps floor), then per-utterance mean subtraction. Implemented here in torch (no torchaudio). Recordings are
+read by `voice_agent.audio.load_audio` at their own rate and resampled by this module's reference filter.
 """
 
 from __future__ import annotations
@@ -31,18 +32,18 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+from voice_agent.audio import INPUT_SAMPLE_RATE, load_audio
 from voice_agent.errors import AudioInputError, VoiceError
 from voice_agent.model.weights import load_torch_file
 
-FBANK_RATE_HZ = 16_000
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
-WINDOW_SAMPLES = int(FBANK_RATE_HZ * FRAME_LENGTH_MS / 1000)  # 400
-SHIFT_SAMPLES = int(FBANK_RATE_HZ * FRAME_SHIFT_MS / 1000)  # 160
+WINDOW_SAMPLES = int(INPUT_SAMPLE_RATE * FRAME_LENGTH_MS / 1000)  # 400 (CAM++ hears 16 kHz, as the encoder)
+SHIFT_SAMPLES = int(INPUT_SAMPLE_RATE * FRAME_SHIFT_MS / 1000)  # 160
 FFT_SIZE = 1 << (WINDOW_SAMPLES - 1).bit_length()  # 512, next power of two
 NUM_MEL_BINS = 80
 LOW_FREQ_HZ = 20.0
-HIGH_FREQ_HZ = FBANK_RATE_HZ / 2  # Nyquist
+HIGH_FREQ_HZ = INPUT_SAMPLE_RATE / 2  # Nyquist
 PREEMPHASIS = 0.97
 POVEY_POWER = 0.85
 LOG_FLOOR = torch.finfo(torch.float32).eps
@@ -77,7 +78,7 @@ def kaldi_mel_banks() -> torch.Tensor:
     delta = (mel_high - mel_low) / (NUM_MEL_BINS + 1)
     b = torch.arange(NUM_MEL_BINS, dtype=torch.float32)[:, None]  # (80, 1)
     left, center, right = mel_low + b * delta, mel_low + (b + 1) * delta, mel_low + (b + 2) * delta
-    mel = kaldi_mel_scale(FBANK_RATE_HZ / FFT_SIZE * torch.arange(FFT_SIZE // 2, dtype=torch.float32))[None]
+    mel = kaldi_mel_scale(INPUT_SAMPLE_RATE / FFT_SIZE * torch.arange(FFT_SIZE // 2, dtype=torch.float32))[None]
     up = (mel - left) / (center - left)
     down = (right - mel) / (right - center)
     banks = torch.clamp(torch.minimum(up, down), min=0.0)  # (80, 256)
@@ -107,7 +108,7 @@ def campplus_features(wav16k: torch.Tensor | np.ndarray) -> torch.Tensor:
     return feats - feats.mean(dim=0, keepdim=True)
 
 
-def resample(wav: np.ndarray, rate_hz: int, target_hz: int = FBANK_RATE_HZ) -> np.ndarray:
+def resample(wav: np.ndarray, rate_hz: int, target_hz: int = INPUT_SAMPLE_RATE) -> np.ndarray:
     """Band-limited windowed-sinc resampling (Hann window), as torchaudio's default `resample`."""
     if rate_hz == target_hz:
         return wav.astype(np.float32)
@@ -130,18 +131,15 @@ def resample(wav: np.ndarray, rate_hz: int, target_hz: int = FBANK_RATE_HZ) -> n
     return y.numpy()
 
 
-def read_audio_16k(path: str | Path) -> np.ndarray:
-    """Read a recording (any rate, any channel count) as mono float32 16 kHz, no int16 rescaling."""
-    path = Path(path)
-    if not path.is_file():
-        raise AudioInputError(f"missing file {path}: expected a prompt recording")
+def read_prompt_16k(path: str | Path) -> np.ndarray:
+    """A recording (any rate, any channel count) as mono float32 16 kHz: read at its own rate by
+    `voice_agent.audio.load_audio` (channels averaged, no int16 rescaling), then resampled here as the
+    reference resamples it (not with load_audio's filter)."""
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (N, C)
-    except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        raise AudioInputError(f"unreadable audio {path}: expected WAV/FLAC/OGG ({e})") from e
-    if data.shape[0] == 0:
-        raise AudioInputError(f"empty audio {path}: expected a prompt recording")
-    return resample(data.mean(axis=1), int(rate))
+        rate = int(sf.info(str(path)).samplerate)  # header only
+    except (sf.LibsndfileError, RuntimeError, OSError):
+        rate = INPUT_SAMPLE_RATE  # not audio, or missing: load_audio raises the error that names the file
+    return resample(load_audio(path, rate=rate), rate)
 
 
 @lru_cache(maxsize=4)
@@ -262,7 +260,7 @@ def default_voice(decoder_dir: str | Path, name: str = DEFAULT_VOICE,
             f"llama_omni2/inference/{PROMPT_WAVS[name]} from github.com/ictnlp/LLaMA-Omni2 there, "
             "or pass a voice embedding file or recording"
         )
-    emb = campplus_embedding(read_audio_16k(prompt), d / CAMPPLUS_FILE)
+    emb = campplus_embedding(read_prompt_16k(prompt), d / CAMPPLUS_FILE)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         np.save(cached, emb.numpy())
@@ -281,7 +279,7 @@ def load_voice(voice: str | Path | None, decoder_dir: str | Path | None = None,
     if path.suffix.lower() in AUDIO_SUFFIXES:
         if decoder_dir is None:
             raise VoiceError(f"voice recording {path} needs the decoder directory that holds {CAMPPLUS_FILE}")
-        return campplus_embedding(read_audio_16k(path), Path(decoder_dir) / CAMPPLUS_FILE)
+        return campplus_embedding(read_prompt_16k(path), Path(decoder_dir) / CAMPPLUS_FILE)
     if path.suffix or not _NAME.match(text):
         return read_embedding_file(path)
     if decoder_dir is None:
@@ -297,15 +295,3 @@ def load_voice(voice: str | Path | None, decoder_dir: str | Path | None = None,
     if text in PROMPT_WAVS:
         return default_voice(d, text, prompt_dir)
     raise VoiceError(f"unknown voice {text!r} in {d}: expected one of {available_voices(d)} or a voice file")
-
-
-def write_tiny_voices(decoder_dir: str | Path, seed: int = 0) -> list[Path]:
-    """Save random default voices (`voices/en.npy`, `voices/zh.npy`, float32 [192]) for the tiny set."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for name in sorted(PROMPT_WAVS):
-        path = Path(decoder_dir) / VOICES_DIR / f"{name}.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, rng.standard_normal(EMBEDDING_DIM).astype(np.float32))
-        out.append(path)
-    return out
