@@ -21,6 +21,7 @@ from voice_agent.model.encoder import (
     WhisperEncoder,
     encoder_from_checkpoint,
     load_whisper_pt,
+    read_whisper_dims,
     sinusoids,
 )
 from voice_agent.model.weights import SafetensorsCheckpoint
@@ -163,6 +164,21 @@ def test_encoder_from_checkpoint_derives_dims_and_loads(tmp_path, reference, mel
     assert encoder.dims == WhisperDims(N_MELS, N_CTX, N_STATE, N_HEAD, N_LAYER)
     with torch.no_grad():
         torch.testing.assert_close(encoder(mel), reference(mel), atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_from_checkpoint_takes_the_head_count_from_given_dims(tmp_path, reference, mel) -> None:
+    four_heads = AudioEncoder(N_MELS, N_CTX, N_STATE, 4, N_LAYER)  # head width 32: the shapes cannot tell
+    four_heads.load_state_dict(reference.state_dict())
+    write_whisper_pt(tmp_path / "large-v3.pt")
+    assert read_whisper_dims(tmp_path / "large-v3.pt") == WhisperDims(N_MELS, N_CTX, N_STATE, N_HEAD, N_LAYER)
+    dims = WhisperDims(N_MELS, N_CTX, N_STATE, 4, N_LAYER)
+    encoder = encoder_from_checkpoint(omni_tensors(reference), source="ckpt", dims=dims)
+    assert encoder.dims == dims
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(mel), four_heads.eval()(mel), atol=1e-5, rtol=1e-5)
+    with pytest.raises(CheckpointError, match=r"ckpt: expected the whisper file's .*\(128, 1500, 256, 2\)"):
+        encoder_from_checkpoint(omni_tensors(reference), source="ckpt",
+                                dims=WhisperDims(N_MELS, N_CTX, 2 * N_STATE, 4, N_LAYER))
 
 
 def test_encoder_from_checkpoint_errors_name_key_expected_and_found(reference) -> None:

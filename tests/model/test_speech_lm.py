@@ -4,6 +4,7 @@ the loaded LLM with transformers, batched replies == each alone, the schedule in
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -237,3 +238,78 @@ def test_unpadded_batch_rows_equal_each_row_alone(tiny):
         torch.testing.assert_close(batch.row(i), alone.row(0), rtol=1e-5, atol=1e-5)
     padded = SpeechLM.load(tiny.model_dir).speech_features(audios[:1])
     assert padded.row(0).shape[0] == 300 and not torch.allclose(padded.row(0)[:7], batch.row(0), atol=1e-3)
+
+
+def reference_encoder(whisper_file, checkpoint_dir, n_head: int):
+    """openai-whisper's AudioEncoder with the file's other dims and `n_head` heads, holding the checkpoint's
+    `model.speech_encoder.*` tensors (what the reference builds, then loads)."""
+    from whisper.model import AudioEncoder
+
+    dims = torch.load(whisper_file, weights_only=True)["dims"]
+    encoder = AudioEncoder(dims["n_mels"], dims["n_audio_ctx"], dims["n_audio_state"], n_head,
+                           dims["n_audio_layer"])
+    prefix = "model.speech_encoder."
+    tensors = load_file(checkpoint_dir / "model.safetensors")
+    encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    return encoder.eval()
+
+
+def test_encoder_heads_come_from_the_whisper_file_and_are_assumed_64_wide_without_it(tmp_path, caplog):
+    # 4 heads of width 32: the tensors are the same shapes as 2 heads of 64, only the whisper dims tell
+    paths = make_tiny(tmp_path / "set", seed=3, whisper_head_dim=32)
+    whisper_file = tmp_path / "large-v3.pt"
+    whisper_file.write_bytes(paths.speech_encoder.read_bytes())
+    assert torch.load(whisper_file, weights_only=True)["dims"]["n_audio_head"] == 4
+    mel = torch.randn(1, 128, 3000, generator=torch.Generator().manual_seed(0))
+    four, two = (reference_encoder(whisper_file, paths.model_dir, n) for n in (4, 2))
+    with torch.no_grad():
+        want4, want2 = four(mel), two(mel)
+    assert (want4 - want2).abs().max() > 1e-3  # small random weights, yet 100x the tolerance below
+
+    with caplog.at_level(logging.INFO, logger="voice_agent.model.encoder"):
+        beside = SpeechLM.load(paths.model_dir)  # finds ../speech_encoder/large-v3.pt
+    assert beside.encoder.dims.n_head == 4 and "assuming" not in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(beside.encoder(mel), want4, rtol=1e-5, atol=1e-5)
+
+    paths.speech_encoder.unlink()
+    with caplog.at_level(logging.INFO, logger="voice_agent.model.encoder"):
+        inferred = SpeechLM.load(paths.model_dir)
+    assert inferred.encoder.dims.n_head == 2  # n_state 128 // 64: the documented fallback
+    assert "no whisper file gives its dims; assuming 64-wide attention heads (n_head = 2)" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(inferred.encoder(mel), want2, rtol=1e-5, atol=1e-5)
+
+    given = SpeechLM.load(paths.model_dir, whisper_path=whisper_file)  # an explicit file: its dims again
+    assert given.encoder.dims.n_head == 4
+    assert torch.equal(given.encoder.blocks[0].attn.query.weight, beside.encoder.blocks[0].attn.query.weight)
+
+
+def test_whisper_file_dims_that_contradict_the_checkpoint_are_an_error(tmp_path, tiny):
+    other = tmp_path / "other.pt"
+    data = torch.load(tiny.speech_encoder, weights_only=True)
+    data["dims"]["n_audio_layer"] = 3
+    torch.save(data, other)
+    with pytest.raises(CheckpointError, match=r"whisper file's .*\(128, 1500, 128, 3\), found \(128, 1500, 128, 2\)"):
+        SpeechLM.load(tiny.model_dir, whisper_path=other)
+    with pytest.raises(CheckpointError, match="missing file"):
+        SpeechLM.load(tiny.model_dir, whisper_path=tmp_path / "absent.pt")
+
+
+def test_speech_positions_are_the_lengths_speech_features_gives(tiny, lm):
+    unpadded = SpeechLM.load(tiny.model_dir, unpadded=True)
+    for seconds in (0.05, 0.1, 0.1001, 1.55, 29.99):
+        audio = speechlike(seconds, 30)
+        assert lm.speech_positions(len(audio)) == lm.speech_features([audio]).lengths[0] == 300
+        assert unpadded.speech_positions(len(audio)) == unpadded.speech_features([audio]).lengths[0], seconds
+    assert unpadded.speech_positions(31 * RATE) == 300  # the encoder takes 30 s at most
+
+
+def test_tts_positions_cover_a_reply(lm):
+    R, W = lm.config.read_tokens, lm.config.write_units
+    assert (R, W) == (3, 10)
+    assert lm.reply_units(7, 12) == 10 * (7 // 3 + 1) + 12 == 42
+    assert lm.tts_positions(7, 12) == 7 + 2 + 42
+    reply = run_alone(lm, speechlike(1.0, 4), temperature=0.9, max_new_tokens=7, seed=1)
+    assert len(reply.units) <= lm.reply_units(7, FINAL_UNITS)
+    assert reply.tts_len <= lm.tts_positions(7, FINAL_UNITS)

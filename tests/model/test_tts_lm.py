@@ -128,7 +128,7 @@ def run_batched(model: SpeechGenerator, sessions: list[Session], cache: KVCache)
 def test_cached_streaming_equals_full_reprefill_per_block(generator_model: SpeechGenerator) -> None:
     model = generator_model
     session = Session(model, slot=1, seed=7, n_text=8)
-    run_batched(model, [session], model.new_cache(slots=2, max_len=64))
+    run_batched(model, [session], KVCache(model.dims, slots=2, max_len=64))
     blocks = session.schedule.unit_blocks
     assert len(blocks) == 3  # reads after tokens 3, 6 and the finishing token 8 (2 tokens + <sep>)
     assert all(len(b) <= 10 for b in blocks[:2]) and 0 < len(blocks[2]) <= 15
@@ -145,9 +145,9 @@ def test_cached_streaming_equals_full_reprefill_per_block(generator_model: Speec
 def test_two_sessions_batched_equal_each_alone(generator_model: SpeechGenerator) -> None:
     model = generator_model
     together = [Session(model, slot=2, seed=11, n_text=7), Session(model, slot=0, seed=12, n_text=4)]
-    run_batched(model, together, model.new_cache(slots=3, max_len=64))
+    run_batched(model, together, KVCache(model.dims, slots=3, max_len=64))
     for s in together:
         alone = Session(model, slot=1, seed=s.gen.initial_seed(), n_text=len(s.tokens))
-        run_batched(model, [alone], model.new_cache(slots=2, max_len=64))
+        run_batched(model, [alone], KVCache(model.dims, slots=2, max_len=64))
         assert alone.schedule.unit_blocks == s.schedule.unit_blocks
         torch.testing.assert_close(torch.stack(alone.logits), torch.stack(s.logits), **TOL)

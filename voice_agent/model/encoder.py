@@ -8,8 +8,12 @@ so both checkpoints load key for key:
 
 - `load_whisper_pt(path)` reads an openai-whisper `.pt` ({"dims", "model_state_dict"}), taking the
   encoder sizes from "dims" and the tensors under "encoder." (the decoder's are not read);
-- `encoder_from_checkpoint(tensors)` reads the encoder inside a LLaMA-Omni2 checkpoint, deriving the sizes
-  from tensor shapes (every Whisper model has head dim 64, so n_head = n_state // 64).
+- `encoder_from_checkpoint(tensors, dims=...)` reads the encoder inside a LLaMA-Omni2 checkpoint. As the
+  reference builds the encoder from the whisper file that config.json names before loading the
+  checkpoint's weights, its sizes come from that file's "dims" (`read_whisper_dims`) when the file is at
+  hand. Without it they are inferred from tensor shapes, except the head count, which no shape holds:
+  heads are then taken to be 64 wide (n_head = n_state // 64, true of every openai Whisper model) and the
+  log says so.
 
 Faithful by default: the input must be the full 30-s window (2 * n_ctx = 3000 mel frames -> 1500 frames),
 as openai-whisper asserts. Option that changes numbers: `forward(mel, unpadded=True)` accepts fewer frames
@@ -24,6 +28,7 @@ Deviations: attention uses `scaled_dot_product_attention` (scale 1/sqrt(64), equ
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,7 +43,10 @@ from torch import nn
 from voice_agent.errors import CheckpointError
 from voice_agent.model.weights import SafetensorsCheckpoint, load_module, load_torch_file
 
-HEAD_DIM = 64  # channels per attention head in every Whisper model
+log = logging.getLogger(__name__)
+
+HEAD_DIM = 64  # channels per attention head in every openai Whisper model (the fallback assumption)
+OPENAI_WIDTHS = {384: "tiny", 512: "base", 768: "small", 1024: "medium", 1280: "large"}  # n_state -> model
 CONV_STRIDE = 2  # conv2 halves the frame rate: 100 mel frames/s -> 50 encoder frames/s
 MLP_RATIO = 4  # MLP width = 4 * n_state
 LAYER_NORM_EPS = 1e-5
@@ -255,12 +263,9 @@ def _build(dims: WhisperDims, device: torch.device | str, dtype: torch.dtype) ->
     return encoder.to_empty(device=device).to(dtype=dtype).eval()
 
 
-def load_whisper_pt(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> WhisperEncoder:
-    """The encoder of an openai-whisper `.pt` checkpoint ({"dims", "model_state_dict"}), in eval mode."""
+def _read_whisper_file(path: str | Path, *, mmap: bool) -> tuple[WhisperDims, Mapping[str, torch.Tensor]]:
     source = str(path)
-    data = load_torch_file(path, "an openai-whisper checkpoint with 'dims' and 'model_state_dict'")
+    data = load_torch_file(path, "an openai-whisper checkpoint with 'dims' and 'model_state_dict'", mmap=mmap)
     if not isinstance(data, Mapping) or "dims" not in data or "model_state_dict" not in data:
         found = sorted(map(str, data)) if isinstance(data, Mapping) else type(data).__name__
         raise CheckpointError(
@@ -270,8 +275,21 @@ def load_whisper_pt(
     state = data["model_state_dict"]
     if not isinstance(state, Mapping):
         raise CheckpointError(f"malformed file {source}: expected 'model_state_dict' to be a dict")
+    return dims, state
+
+
+def read_whisper_dims(path: str | Path) -> WhisperDims:
+    """The encoder sizes in an openai-whisper `.pt` ("dims"); the tensors are memory-mapped, not read."""
+    return _read_whisper_file(path, mmap=True)[0]
+
+
+def load_whisper_pt(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> WhisperEncoder:
+    """The encoder of an openai-whisper `.pt` checkpoint ({"dims", "model_state_dict"}), in eval mode."""
+    dims, state = _read_whisper_file(path, mmap=False)
     encoder = _build(dims, device, dtype)
-    load_module(encoder, state, WHISPER_PT_PREFIX, source=source)
+    load_module(encoder, state, WHISPER_PT_PREFIX, source=str(path))
     return encoder
 
 
@@ -282,8 +300,10 @@ def encoder_from_checkpoint(
     source: str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    dims: WhisperDims | None = None,
 ) -> WhisperEncoder:
-    """The encoder stored under `prefix` in a checkpoint, sizes derived from tensor shapes, in eval mode."""
+    """The encoder stored under `prefix` in a checkpoint, in eval mode. Sizes: `dims` (from the whisper file,
+    checked against the tensor shapes) when given, else inferred from the shapes with 64-wide heads."""
     conv1 = _shape(tensors, prefix + "conv1.weight", source, "conv1 weight (n_state, n_mels, 3)")
     pos = _shape(tensors, prefix + "positional_embedding", source, "positional_embedding (n_ctx, n_state)")
     if len(conv1) != 3 or len(pos) != 2 or pos[1] != conv1[0]:
@@ -299,13 +319,27 @@ def encoder_from_checkpoint(
             f"malformed encoder in {source}: expected blocks 0..n-1 under '{prefix}blocks.', "
             f"got {sorted(layers)}"
         )
-    if n_state % HEAD_DIM:
-        raise CheckpointError(
-            f"malformed encoder in {source}: expected n_state divisible by head dim {HEAD_DIM}, got {n_state}"
-        )
-    dims = WhisperDims(
-        n_mels=n_mels, n_ctx=pos[0], n_state=n_state, n_head=n_state // HEAD_DIM, n_layer=len(layers)
-    )
+    found = (n_mels, pos[0], n_state, len(layers))
+    if dims is not None:
+        if (dims.n_mels, dims.n_ctx, dims.n_state, dims.n_layer) != found:
+            raise CheckpointError(
+                f"speech encoder in {source}: expected the whisper file's (n_mels, n_ctx, n_state, n_layer) "
+                f"{(dims.n_mels, dims.n_ctx, dims.n_state, dims.n_layer)}, found {found} in the tensors"
+            )
+    else:
+        if n_state % HEAD_DIM:
+            raise CheckpointError(
+                f"malformed encoder in {source}: expected n_state divisible by head dim {HEAD_DIM}, got {n_state} "
+                "(no whisper file gives the head count, so heads are taken to be 64 wide)"
+            )
+        dims = WhisperDims(n_mels=n_mels, n_ctx=pos[0], n_state=n_state, n_head=n_state // HEAD_DIM,
+                           n_layer=len(layers))
+        known = OPENAI_WIDTHS.get(n_state)
+        log.log(logging.INFO if known else logging.WARNING,
+                "speech encoder in %s: no whisper file gives its dims; assuming %d-wide attention heads "
+                "(n_head = %d)%s", source, HEAD_DIM, dims.n_head,
+                f", as openai Whisper {known} has" if known else ", which no openai Whisper model of this "
+                "width confirms")
     encoder = _build(dims, device, dtype)
     load_module(encoder, tensors, prefix, source=source)
     return encoder

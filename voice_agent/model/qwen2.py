@@ -77,28 +77,6 @@ class KVCache:
     def device(self) -> torch.device:
         return self.k[0].device
 
-    def _check_slot(self, slot: int, name: str) -> None:
-        if not 0 <= slot < self.slots:
-            raise ValueError(f"KVCache: expected {name} in [0, {self.slots}), got {slot}")
-
-    @torch.no_grad()
-    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
-        """Copy the first `length` positions (all when None) of slot `src` into slot `dst`."""
-        self._check_slot(src, "src")
-        self._check_slot(dst, "dst")
-        n = self.max_len if length is None else length
-        if not 0 <= n <= self.max_len:
-            raise ValueError(f"KVCache.copy_slot: expected length in [0, {self.max_len}], got {length}")
-        for buf in self.k + self.v:
-            buf[dst, :, :n].copy_(buf[src, :, :n])
-
-    @torch.no_grad()
-    def clear_slot(self, slot: int) -> None:
-        """Zero a slot (hygiene only: stale entries are never attended to anyway)."""
-        self._check_slot(slot, "slot")
-        for buf in self.k + self.v:
-            buf[slot].zero_()
-
 
 class Qwen2RMSNorm(nn.Module):
     """RMSNorm as transformers computes it: normalise in fp32, cast back, then scale."""

@@ -1,8 +1,11 @@
 """LLaMA-Omni2, first half: user speech in -> assistant text tokens and CosyVoice2 speech units out.
 
 `SpeechLM.load(model_dir)` builds every module from a LLaMA-Omni2 directory, key for key:
-the Whisper encoder (from the checkpoint's `model.speech_encoder.*`, or from an openai-whisper `.pt`),
-the k=5 adapter, the Qwen2 LLM and the TTS LM with its fusion layers. Sizes come from the checkpoint.
+the Whisper encoder (the checkpoint's `model.speech_encoder.*` tensors in an encoder of the dims of the
+whisper file config.json names, as the reference builds it; see encoder.py for when that file is absent;
+the file's own tensors only when the checkpoint has none), the k=5 adapter, the Qwen2 LLM and the TTS LM
+with its fusion layers. Sizes come from the checkpoint. `speech_positions`, `reply_units` and
+`tts_positions` give the prompt and cache sizes a turn needs before it runs.
 
 The stage functions are batch-first and stateless; per-reply state and the batched steps that advance
 many replies at once live in reply.py. The same steps serve the CLI (one reply) and the engine (many).
@@ -26,6 +29,7 @@ import torch
 from voice_agent.errors import CheckpointError
 from voice_agent.model import adapter as adapter_mod
 from voice_agent.model import encoder as encoder_mod
+from voice_agent.model import tts_lm
 from voice_agent.model.config import OmniConfig, load_generation_config
 from voice_agent.model.mel import HOP_LENGTH, N_SAMPLES, log_mel_rows, log_mel_spectrogram
 from voice_agent.model.qwen2 import KVCache, Qwen2ForCausalLM
@@ -128,15 +132,24 @@ class SpeechLM:
         source = str(model_dir)
         device = torch.device(device)
 
-        if whisper_path is not None:
-            encoder = encoder_mod.load_whisper_pt(whisper_path, device=device, dtype=dtype)
-        elif any(k.startswith(ENCODER_PREFIX) for k in tensors):
+        # As the reference: the encoder is built from the whisper file's dims, then the checkpoint's weights
+        # are loaded into it; the file's own weights serve only when the checkpoint has none.
+        candidates = [Path(whisper_path)] if whisper_path is not None else _whisper_candidates(model_dir, config)
+        whisper_file = next((p for p in candidates if p.is_file()), None)
+        if whisper_path is not None and whisper_file is None:
+            raise CheckpointError(f"missing file {whisper_path}: expected an openai-whisper checkpoint (large-v3.pt)")
+        if any(k.startswith(ENCODER_PREFIX) for k in tensors):
+            dims = encoder_mod.read_whisper_dims(whisper_file) if whisper_file is not None else None
             encoder = encoder_mod.encoder_from_checkpoint(
-                tensors, prefix=ENCODER_PREFIX, source=source, device=device, dtype=dtype
+                tensors, prefix=ENCODER_PREFIX, source=source, device=device, dtype=dtype, dims=dims
             )
+        elif whisper_file is not None:
+            encoder = encoder_mod.load_whisper_pt(whisper_file, device=device, dtype=dtype)
         else:
-            encoder = encoder_mod.load_whisper_pt(
-                _find_whisper_pt(model_dir, config), device=device, dtype=dtype
+            tried = ", ".join(str(p) for p in candidates)
+            raise CheckpointError(
+                f"{model_dir}: no model.speech_encoder.* tensors in the checkpoint and no whisper file found "
+                f"(tried {tried}); pass the openai-whisper large-v3.pt explicitly"
             )
         if encoder.n_state != config.speech_encoder_hidden_size:
             raise CheckpointError(
@@ -178,7 +191,26 @@ class SpeechLM:
         return cls(config, tokenizers, encoder, projector, llm, tts, generation,
                    name=model_dir.name, unpadded=unpadded)
 
-    # ---------------------------------------------------------------- caches
+    # ---------------------------------------------------------------- sizes and caches
+    def speech_positions(self, samples: int) -> int:
+        """LLM positions (speech embeddings) that `samples` samples of 16 kHz audio take in the prompt:
+        `lengths` of `speech_features`, without running it (300 for any turn unless `unpadded`)."""
+        k = self.config.speech_encoder_ds_rate
+        if not self.unpadded:
+            return self.encoder.n_ctx // k
+        step = ENCODER_STRIDE * k * HOP_LENGTH  # samples per speech embedding (100 ms)
+        return min(N_SAMPLES, max(step, -(-samples // step) * step)) // step
+
+    def reply_units(self, text_tokens: int, final_units: int) -> int:
+        """The most TTS tokens a reply of up to `text_tokens` text tokens writes (see tts_lm.reply_units)."""
+        cfg = self.config
+        return tts_lm.reply_units(cfg.read_tokens, cfg.write_units, text_tokens, final_units)
+
+    def tts_positions(self, text_tokens: int, final_units: int) -> int:
+        """TTS cache positions one such reply needs (see tts_lm.tts_positions)."""
+        cfg = self.config
+        return tts_lm.tts_positions(cfg.read_tokens, cfg.write_units, text_tokens, final_units)
+
     def new_llm_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache(self.config.llm, slots, max_len, self.device, self.dtype)
 
@@ -247,18 +279,14 @@ class SpeechLM:
         return torch.cat(pieces, dim=0)  # (L, H)
 
 
-def _find_whisper_pt(model_dir: Path, config: OmniConfig) -> Path:
-    """Where the reference looks for large-v3.pt: the config's path (relative to the working directory),
-    or a speech_encoder/ folder beside the model directory."""
-    candidates = []
+def _whisper_candidates(model_dir: Path, config: OmniConfig) -> list[Path]:
+    """Where the whisper file that config.json names may be, first found wins. The reference opens the
+    config's path relative to the working directory (`models/speech_encoder/large-v3.pt`, the repository
+    root); for the usual layout (`models/<model>/`) the same file is `../speech_encoder/large-v3.pt` from
+    the model directory, which is tried first so that a model elsewhere never picks up an unrelated file
+    from the working directory."""
+    name = Path(config.speech_encoder).name if config.speech_encoder else "large-v3.pt"
+    candidates = [model_dir.parent / "speech_encoder" / name]
     if config.speech_encoder:
-        candidates += [Path(config.speech_encoder), model_dir.parent.parent / config.speech_encoder]
-    candidates.append(model_dir.parent / "speech_encoder" / "large-v3.pt")
-    for path in candidates:
-        if path.is_file():
-            return path
-    tried = ", ".join(str(p) for p in candidates)
-    raise CheckpointError(
-        f"{model_dir}: no model.speech_encoder.* tensors in the checkpoint and no whisper file found "
-        f"(tried {tried}); pass the openai-whisper large-v3.pt explicitly"
-    )
+        candidates += [model_dir.parent.parent / config.speech_encoder, Path(config.speech_encoder)]
+    return list(dict.fromkeys(candidates))

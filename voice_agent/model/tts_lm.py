@@ -27,6 +27,20 @@ from torch import nn
 from voice_agent.model.config import Qwen2Dims
 from voice_agent.model.qwen2 import KVCache, Qwen2ForCausalLM
 
+EXTRA_TTS_POSITIONS = 2  # besides text tokens and written TTS tokens: <sep>, and one spare position
+
+
+def reply_units(read_tokens: int, write_units: int, text_tokens: int, final_units: int) -> int:
+    """The most TTS tokens (units, or an eos ending a block early) a reply of up to `text_tokens` text tokens
+    writes: `write_units` after each read of `read_tokens` tokens (the last read may be short) and
+    `final_units` after the final read."""
+    return write_units * (text_tokens // read_tokens + 1) + final_units
+
+
+def tts_positions(read_tokens: int, write_units: int, text_tokens: int, final_units: int) -> int:
+    """TTS cache positions one reply needs: every text token (fused), `<sep>` and every TTS token written."""
+    return text_tokens + EXTRA_TTS_POSITIONS + reply_units(read_tokens, write_units, text_tokens, final_units)
+
 
 class SpeechGenerator(nn.Module):
     """`input_proj` + `gate` (fusion) and `model`, the TTS Qwen2ForCausalLM."""
@@ -71,17 +85,6 @@ class SpeechGenerator(nn.Module):
         e = self.embed(token_ids)  # (N, D)
         g = self.gate(torch.cat((r, e), dim=-1))  # (N, D)
         return g * r + (1 - g) * e
-
-    def new_cache(
-        self,
-        slots: int,
-        max_len: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> KVCache:
-        """A KV cache for the TTS body (dtype defaults to the weights')."""
-        weight = self.model.lm_head.weight
-        return KVCache(self.dims, slots, max_len, device or weight.device, dtype or weight.dtype)
 
     def forward(
         self,

@@ -6,7 +6,7 @@ Every failure names the file or key and says what was expected and what was foun
   `model.safetensors.index.json`, lazily (one tensor at a time, so a 7B checkpoint never sits in memory
   twice).
 - `load_torch_file` reads a pickled torch file (`large-v3.pt`, `flow.pt`, `hift.pt`) with
-  `weights_only=True`.
+  `weights_only=True` (optionally memory-mapped, to read a few fields of a large file).
 - `load_module` copies tensors into a module's parameters and persistent buffers, checking that no key is
   missing, none is unexpected, and every shape matches.
 """
@@ -14,6 +14,7 @@ Every failure names the file or key and says what was expected and what was foun
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -98,17 +99,16 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
         """The stored shape of `key`, without reading the data."""
         return tuple(self._handle(self._file_of[key]).get_slice(key).get_shape())
 
-    def file_of(self, key: str) -> Path:
-        return self._file_of[key]
 
+def load_torch_file(path: str | Path, what: str, *, mmap: bool = False) -> Any:
+    """Load a pickled torch file with `weights_only=True`; errors name the file and `what` it should be.
 
-def load_torch_file(path: str | Path, what: str) -> Any:
-    """Load a pickled torch file with `weights_only=True`; errors name the file and `what` it should be."""
+    `mmap`: map the tensors' storage instead of reading it (for a zip-format file; others are read)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing file {path}: expected {what}")
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"malformed file {path}: expected {what} ({type(e).__name__}: {e})") from e
 
