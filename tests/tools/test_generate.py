@@ -53,6 +53,31 @@ def test_dump_arrays_and_printed_progress(tiny, question, tmp_path, capsys):
     assert np.argmax(d["first_logits"]) == d["text_ids"][0]  # greedy
 
 
+def test_dump_holds_every_llm_step_every_read_and_every_tts_id(tiny, question, tmp_path):
+    import torch
+
+    from voice_agent.model.speech_lm import SpeechLM
+
+    d = generate(tiny, question, tmp_path)
+    text, n = d["text_ids"], len(d["text_ids"])
+    assert d["llm_logits"].shape == (n, 384) and d["llm_logits"].dtype == np.float32
+    np.testing.assert_array_equal(d["llm_logits"][0], d["first_logits"])
+    np.testing.assert_array_equal(d["llm_logits"].argmax(axis=1), text)  # greedy, no repetition penalty
+    reads, final = d["read_ids"], d["read_final"]
+    assert reads.shape == (len(d["unit_blocks"]), 3) and final.dtype == bool
+    assert final.tolist() == [False] * (len(final) - 1) + [True]
+    np.testing.assert_array_equal(reads[reads >= 0], text)  # every text token read once, in order
+    lm = SpeechLM.load(tiny.model_dir)
+    assert d["tts_fused"].shape == (n, lm.config.tts.hidden_size)
+    with torch.inference_mode():
+        fused = lm.tts.fuse(torch.from_numpy(d["tts_hidden"]), torch.from_numpy(text))
+    np.testing.assert_allclose(d["tts_fused"], fused.numpy(), rtol=1e-5, atol=1e-6)
+    ids = d["tts_ids"]
+    units = [int(i) - lm.tok.unit_offset for i in ids if i != lm.tok.tts_eos_id]
+    assert units == d["units"].tolist()
+    assert all(0 <= u < 6561 for u in units)  # raw ids: units at their offset, or the TTS eos
+
+
 def test_greedy_runs_repeat_exactly(tiny, question, tmp_path):
     a = generate(tiny, question, tmp_path / "a")
     b = generate(tiny, question, tmp_path / "b", "--seed", "99")
