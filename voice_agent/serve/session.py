@@ -15,6 +15,10 @@ States (`TurnState`, transitions in `_TRANSITIONS`):
   cough, "mhm") is ignored and the response goes on; longer speech cancels the response (engine
   `cancel(played_ms)`, `Interrupted` to the client, unsent audio dropped) and becomes the next turn,
   which is submitted once the engine has confirmed the cancelled turn ended.
+
+After `CancelTurn(id)` no `ResponseText` / `ResponseAudio` of `id` comes out any more (its engine events
+are dropped here), so whoever sends the events only has to drop what of `id` it still holds. A turn the
+detector cut at `max_turn_ms` is submitted like any other.
 """
 
 from __future__ import annotations

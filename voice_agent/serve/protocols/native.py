@@ -35,7 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from voice_agent.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, Resampler, float_to_pcm16, pcm16_to_float
+from voice_agent.audio import (
+    INPUT_SAMPLE_RATE,
+    OUTPUT_SAMPLE_RATE,
+    PCM16_BYTES,
+    Resampler,
+    float_to_pcm16,
+    pcm16_to_float,
+)
 from voice_agent.errors import ProtocolError, VoiceAgentError
 from voice_agent.serve.protocols.events import (
     BAD_AUDIO,
@@ -71,7 +78,6 @@ SAMPLE_RATES_HZ = (8_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000)  # acc
 FRAME_MS_RANGE = (10, 100)  # a client frame is 10..100 ms of audio
 DEFAULT_FRAME_MS = 20
 MAX_FRAMES_PER_MESSAGE = 4  # a binary message may carry a few frames (a sender catching up)
-PCM16_BYTES = 2
 CLIENT_MESSAGE_TYPES = ("start", "update", "playback", "interrupt")
 # Options of the "vad" object: the VadSettings fields, and min_interruption_ms (on SessionSettings).
 VAD_OPTIONS = ("kind", "aggressiveness", "frame_ms", "speech_start_ms", "silence_ms", "prefix_padding_ms",
