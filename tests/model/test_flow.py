@@ -367,6 +367,7 @@ def test_given_noise_serves_its_frames_and_nothing_past_them() -> None:
     assert torch.equal(given.frames(5, 30), values[:, 5:])
     given.release_before(10)
     assert torch.equal(given.frames(12, 20), values[:, 12:20])  # one block: nothing is freed before frame 30
+    assert given.frames(30, 30).shape == NoiseSource(1, block_frames=30).frames(30, 30).shape == (80, 0)
     with pytest.raises(ValueError, match="30 frames were given, frames up to 31 are needed"):
         given.frames(0, 31)
     with pytest.raises(ValueError, match=r"expected float values \(channels, T >= 1\)"):

@@ -9,10 +9,10 @@ cross-fade) and, on the final call, flushes everything.
 
 `HiFTStream` is that scheme on mel input; `VocoderStream` puts a flow stream in front of it (the flow stream
 holds back the last 3 units for look-ahead); `open_stream(decoder, spk, seed, ...)` opens one for a loaded
-`Cosy2Decoder`. The random draws (flow noise, HiFT excitation) are seeded per session and can be given
-instead, to compare a run with another implementation's. `vocode_mels` / `vocode_many` run several sessions in one HiFT
-call when their mel lengths and cache states match; rows draw their excitation noise from their own
-session generator, so a batched call equals the per-session calls.
+`Cosy2Decoder`. `vocode_mels` / `vocode_many` run several sessions in one HiFT call when their mel lengths
+and cache states match; rows draw their excitation noise from their own session generator, so a batched
+call equals the per-session calls. The random draws (flow noise, HiFT excitation) are seeded per session
+and can be given instead, to compare a run with another implementation's.
 
 Deviations (never reached by the live 10-unit schedule): a first non-final call with fewer than 8 new mel
 frames is held until 8 frames are available (the reference would fail its cross-fade later); a non-final

@@ -83,6 +83,8 @@ class NoiseSource:
             raise ValueError(f"noise frames before {self._released * self.block_frames} were released, got {start}")
         if self._given and stop > self.block_frames:
             raise ValueError(f"noise: {self.block_frames} frames were given, frames up to {stop} are needed")
+        if start == stop:
+            return torch.zeros(self.channels, 0)
         while self._drawn * self.block_frames < stop:
             if self._generator is None:
                 self._generator = torch.Generator().manual_seed(self.seed)
