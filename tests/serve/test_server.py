@@ -22,7 +22,7 @@ from fakes import FakeEngine, silence, tone
 from websockets.asyncio.client import ClientConnection, connect
 
 from voice_agent.audio import MAX_INPUT_SECONDS, MAX_TURN_MS
-from voice_agent.engine.thread import _check_audio
+from voice_agent.engine.thread import check_turn_audio
 from voice_agent.errors import ConfigError
 from voice_agent.serve.app import build_app, uvicorn_options
 from voice_agent.serve.config import ServerConfig
@@ -247,7 +247,7 @@ async def test_a_turn_at_the_length_limit_ends_as_max_length_and_is_answered() -
         assert not [e for e in c.events if e["type"] == "error"]
         turn = engine.sessions[0].turns[0]
         assert turn.audio_s == MAX_INPUT_SECONDS  # prefix padding included
-        _check_audio(turn.audio)  # the real engine's input check takes it as well
+        check_turn_audio(turn.audio)  # the real engine's input check takes it as well
 
 
 BAD_INPUTS: list[tuple[str | bytes, str | None]] = [

@@ -16,7 +16,7 @@ import pytest
 from fakes import FakeEnergyClassifier, silence, tone
 
 from voice_agent.audio import INPUT_SAMPLE_RATE, INPUT_SAMPLES_PER_MS, MAX_INPUT_SAMPLES, MAX_TURN_MS
-from voice_agent.engine.thread import _check_audio
+from voice_agent.engine.thread import check_turn_audio
 from voice_agent.errors import VadSettingsError, VadUnavailable
 from voice_agent.serve.vad import (
     SILERO_FRAME_SAMPLES,
@@ -132,7 +132,7 @@ def test_a_turn_at_the_length_limit_fits_the_engine_input(frame_samples: int, pr
     stop = next(e for e in events if isinstance(e, VadSpeechStopped))
     assert stop.reason == "max_length"
     assert MAX_INPUT_SAMPLES - frame_samples < len(stop.audio) <= MAX_INPUT_SAMPLES  # prefix padding included
-    _check_audio(stop.audio)  # the real engine's input check takes it
+    check_turn_audio(stop.audio)  # the real engine's input check takes it
 
 
 def test_padding_rounded_up_to_frames_still_fits_a_short_turn_limit() -> None:

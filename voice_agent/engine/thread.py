@@ -135,7 +135,7 @@ class LocalSession:
             raise TurnRejected(f"session {self.id} is closed")
         if self._running:
             raise TurnRejected(f"session {self.id}: a turn is already running; cancel it or wait for its end")
-        pcm = _check_audio(audio)
+        pcm = check_turn_audio(audio)
         self._engine.check_settings(settings, forced)
         loop = asyncio.get_running_loop()
         stream = TurnStream()
@@ -183,7 +183,8 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _check_audio(audio: np.ndarray) -> np.ndarray:
+def check_turn_audio(audio: np.ndarray) -> np.ndarray:
+    """A copy of a turn's audio as float32, or TurnRejected naming what is wrong (shape, length, NaN)."""
     a = np.asarray(audio)
     if a.ndim != 1 or a.dtype.kind != "f":
         raise TurnRejected(f"audio: expected 1-D float mono PCM at {INPUT_SAMPLE_RATE} Hz, got shape {a.shape} "
