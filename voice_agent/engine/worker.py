@@ -47,10 +47,9 @@ from voice_agent.engine.reply import (
 )
 from voice_agent.engine.scheduler import Scheduler, TurnPhase, TurnView
 from voice_agent.engine.turns import SessionRun, StepStats, TurnRun, heard_of, replies_of
+from voice_agent.engine.vocoder import open_stream
 from voice_agent.errors import error_code
-from voice_agent.model.mel import HOP_LENGTH
 from voice_agent.model.qwen2 import KVCache
-from voice_agent.model.speech_lm import ENCODER_STRIDE
 from voice_agent.model.tokenizer import SPEECH_TOKEN_INDEX, Turn
 
 log = logging.getLogger(__name__)
@@ -79,10 +78,9 @@ class ModelWorker:
         self.voice_table: dict[str, torch.Tensor] = dict(models.voices)
         cfg = self.lm.config
         self.context_tokens = config.context_tokens or cfg.tokenizer_model_max_length
-        R, W, N = cfg.read_tokens, cfg.write_units, config.max_reply_tokens
-        reply_units = W * (N // R + 1) + config.final_units  # W units per read and the final block
-        # Every text token, <sep> and every unit (as generate.py sizes it).
-        self.tts_positions = N + 2 + reply_units
+        N = config.max_reply_tokens
+        reply_units = self.lm.reply_units(N, config.final_units)  # W units per read and the final block
+        self.tts_positions = self.lm.tts_positions(N, config.final_units)  # every text token, <sep>, every unit
         dtype = self.lm.dtype
         self.bytes_per_session = (self.context_tokens * KVCache.token_bytes(cfg.llm, dtype)
                                   + self.tts_positions * KVCache.token_bytes(cfg.tts, dtype))
@@ -240,16 +238,11 @@ class ModelWorker:
             assert conv is not None and t.audio is not None
             fmt = conv.fmt
             pending = conv.length - conv.kv_len + len(fmt.reply_tail) + len(fmt.user_tail)
-            return TurnView(t.id, TurnPhase.QUEUED, t.id, prompt_tokens=pending + self._speech_positions(len(t.audio)))
+            pending += self.lm.speech_positions(len(t.audio))
+            return TurnView(t.id, TurnPhase.QUEUED, t.id, prompt_tokens=pending)
         started = t.timings.first_audio is not None
         ahead = t.audio_ms - 1000.0 * (now - t.timings.first_audio) if t.timings.first_audio is not None else 0.0
         return TurnView(t.id, t.phase, t.id, 0, r.wants_text, r.wants_tts, r.text_lead, bool(t.chunks), started, ahead)
-
-    def _speech_positions(self, samples: int) -> int:
-        k = self.lm.config.speech_encoder_ds_rate
-        if not self.lm.unpadded:
-            return self.lm.encoder.n_ctx // k
-        return -(-samples // (ENCODER_STRIDE * HOP_LENGTH * k))
 
     def _admit(self, turns: list[TurnRun]) -> None:
         lm, cfg = self.lm, self.config
@@ -277,7 +270,7 @@ class ModelWorker:
             t.detok = lm.tok.detokenizer()
             if spk is not None:
                 assert self.decoder is not None
-                t.vocoder = self.decoder.stream(spk, s.seed, cfg.flow_context_units, cfg.flow_cache)
+                t.vocoder = open_stream(self.decoder, spk, s.seed, cfg.flow_context_units, cfg.flow_cache)
             ready.append(t)
         if ready:
             prefill(lm, replies_of(ready), embeds, self._llm_cache)

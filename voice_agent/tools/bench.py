@@ -368,14 +368,14 @@ def _bench_model_batch(lm: Any, decoder: Any, voices: dict[str, Any], B: int, ar
 
 
 def _vocoder_block_time(decoder: Any, voices: dict[str, Any], B: int, repeats: int, device: Any) -> float:
-    from voice_agent.engine.vocoder import vocode_many
+    from voice_agent.engine.vocoder import open_stream, vocode_many
 
     spk = voices.get("en")
     if spk is None:
         spk = decoder.voice(None)
     best = float("inf")
     for r in range(repeats + 1):
-        streams = [decoder.stream(spk, i, 100) for i in range(B)]
+        streams = [open_stream(decoder, spk, i, 100) for i in range(B)]
         vocode_many(streams, [list(range(10))] * B, [False] * B)  # the first block (shorter output)
         _sync(device)
         t0 = time.perf_counter()

@@ -251,12 +251,3 @@ class Cosy2Decoder:
     def voice(self, voice: str | Path | None = None, prompt_dir: str | Path | None = None) -> torch.Tensor:
         """A speaker embedding (192,) for a voice name, embedding file or recording (see voice.py)."""
         return load_voice(voice, self.directory, prompt_dir)
-
-    def stream(self, spk: torch.Tensor, seed: int, context_units: int | None = None, cached: bool = True) -> Any:
-        """Temporary: `voice_agent.engine.vocoder.open_stream(decoder, spk, seed, context_units, cached)`.
-
-        Kept only until engine/worker.py and tools/bench.py call `open_stream`; it imports the engine from
-        the model layer and goes with those two edits."""
-        from voice_agent.engine.vocoder import open_stream
-
-        return open_stream(self, spk, seed, context_units, cached)
