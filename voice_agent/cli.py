@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="speech in -> text and speech units (and a WAV with --vocoder-dir)")
     p.add_argument("--model-dir", required=True, help="a LLaMA-Omni2 model directory")
     p.add_argument("--input", required=True, help="input speech (WAV/FLAC, any rate and channel count)")
-    p.add_argument("--whisper", default=None, help="an openai-whisper large-v3.pt to take the encoder from")
+    p.add_argument("--whisper", default=None,
+                   help="openai-whisper large-v3.pt: the encoder's dims (its weights only if the checkpoint has none)")
     p.add_argument("--vocoder-dir", default=None, help="a cosy2_decoder directory: also write the reply audio")
     p.add_argument("--output", default="reply.wav", help="reply WAV path (with --vocoder-dir)")
     p.add_argument("--voice", default=None, help="voice name or embedding file (with --vocoder-dir)")
@@ -95,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--unpadded", action="store_true", help="encode only the real audio length (changes numbers)")
-    p.add_argument("--dump", default=None, help="write intermediate arrays to this .npz")
+    p.add_argument("--dump", default=None,
+                   help="write intermediate arrays to this .npz (mel, encoder and adapter outputs, per-step LLM "
+                        "logits, text ids, every read's ids and final flag, fused TTS inputs, raw TTS ids, units; keys:"
+                        " voice_agent.tools.generate)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks: model, vocoder, engine")

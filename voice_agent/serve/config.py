@@ -43,7 +43,8 @@ class ServerConfig:
     model_dir: str | None = _opt(None, "LLaMA-Omni2 model directory (default: look in models/; "
                                        "none found: the embedded tiny demo model)")
     vocoder_dir: str | None = _opt(None, "cosy2_decoder directory (flow.pt, hift.pt)")
-    whisper: str | None = _opt(None, "openai-whisper large-v3.pt to take the speech encoder from")
+    whisper: str | None = _opt(None, "openai-whisper large-v3.pt giving the speech encoder's dims (and its weights "
+                                    "when the checkpoint has none)")
     device: str = _opt("cpu", "torch device, e.g. cpu or cuda:0")
     dtype: str = _opt("float32", "model dtype", choices=DTYPES)
     max_sessions: int = _opt(4, "concurrent conversations the engine admits", int)
