@@ -29,6 +29,10 @@ reused by each reply; both caches are static and allocated when the model loads.
 refuses a session beyond `max_sessions` or beyond what `kv_budget_bytes` holds. An idle engine waits
 `admit_window_ms` after a command for others, so turns submitted together are prefilled together.
 
+Watching it (the server's metrics; nothing here knows of them): `stats()` is a snapshot of plain numbers
+(sessions, queued commands, cache bytes in use, CUDA memory), safe to read from any thread; `on_step`,
+when set, gets every step's duration and rows per stage on the model thread (`ModelWorker.on_step`).
+
 Options that change numbers: `flow_context_units` (default: the bounded flow window of flow_stream;
 None recomputes the whole reply each block, as the reference) and `flow_cache` (cached completed chunks:
 equal to the recompute with a whole-reply window, closer to it than the plain bounded window otherwise);
@@ -45,7 +49,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -213,6 +217,7 @@ class Engine:
         self.load_error: BaseException | None = None
         self.worker: Any = None  # the ModelWorker, once loaded (read it only while the engine is idle)
         self.recent: deque[TurnTimings] = deque(maxlen=RECENT_TURNS)
+        self.on_step: Callable[[float, Mapping[str, int]], None] | None = None  # see the module docstring
 
     @classmethod
     def from_models(cls, models: Models, config: EngineConfig | None = None, *, demo: bool = False) -> Engine:
@@ -296,7 +301,8 @@ class Engine:
                                f"or final_units {cfg.final_units}")
 
     def stats(self) -> dict[str, Any]:
-        """Sessions in use and first-audio latency of recent turns (ms after the end of speech)."""
+        """Sessions in use, first-audio latency of recent turns (ms after the end of speech), commands not
+        yet applied, KV and flow cache bytes of the sessions in use, and on CUDA the memory torch holds."""
         firsts = sorted(t.first_audio - t.speech_end for t in list(self.recent) if t.first_audio is not None)
         pick = (lambda q: round(1000.0 * firsts[min(len(firsts) - 1, int(q * len(firsts)))], 1)) if firsts else None
         return {
@@ -305,6 +311,20 @@ class Engine:
             "turns": len(self.recent),
             "first_audio_ms_p50": pick(0.5) if pick else None,
             "first_audio_ms_p95": pick(0.95) if pick else None,
+            **self._usage(),
+        }
+
+    def _usage(self) -> dict[str, int | None]:
+        per_session = 0 if self.worker is None else self.worker.bytes_per_session
+        cuda = self.info.device.startswith("cuda") and self.worker is not None
+        if cuda:
+            import torch
+        return {
+            "commands": self._commands.qsize(),
+            "cache_bytes_per_session": per_session,
+            "cache_bytes": per_session * (0 if self._pool is None else self._pool.in_use),
+            "cuda_allocated_bytes": torch.cuda.memory_allocated(self.info.device) if cuda else None,
+            "cuda_reserved_bytes": torch.cuda.memory_reserved(self.info.device) if cuda else None,
         }
 
     # ---------------------------------------------------------------- the model thread
@@ -327,6 +347,7 @@ class Engine:
             log.info("engine: %d session slots, %.1f MiB of KV and flow cache per session", slots,
                      worker.bytes_per_session / 2**20)
             self.worker = worker
+            worker.on_step = self._stepped
             if self.config.warm_up:
                 error = worker.warm_up()
                 if error is not None:
@@ -360,6 +381,16 @@ class Engine:
             except Exception:  # noqa: BLE001 - a failing step fails its turns, not the engine
                 log.exception("engine: step failed; failing the running turns")
                 worker.fail_all("engine_error", "the engine failed while generating this turn")
+
+    def _stepped(self, seconds: float, rows: Mapping[str, int]) -> None:
+        observer = self.on_step
+        if observer is None:
+            return
+        try:
+            observer(seconds, rows)
+        except Exception:  # noqa: BLE001 - a broken observer must not fail turns
+            log.exception("engine: the step observer failed; it is removed")
+            self.on_step = None
 
     def _apply(self, worker: Any, command: Any) -> None:
         try:

@@ -7,13 +7,18 @@ leave through the `emit` callable it was submitted with. Tests drive it directly
 A step is schedule -> run -> postprocess (policy in scheduler.py): admit (encode + prefill new turns),
 one batched LLM decode, one batched TTS step, postprocess (text deltas, unit chunks), one batched vocoder
 call, then finish the turns whose audio is complete. A stage that raises fails only the turns in it.
+
+`on_step`, when set, is called after every step with its duration in seconds and the rows each stage
+ran (`admit`, `text`, `tts`, `vocode`; 0 when the stage did not run): plain numbers for whoever
+watches the engine (the server's metrics), on the model thread, so it must be quick.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -94,6 +99,7 @@ class ModelWorker:
         self.turns: dict[int, TurnRun] = {}  # live turns by id (= arrival order)
         self.stats = StepStats()
         self.on_done = on_done
+        self.on_step: Callable[[float, Mapping[str, int]], None] | None = None
         self._formats: dict[str | None, PromptFormat] = {}
         self._voices: dict[str, torch.Tensor] = {}
         self._arrivals = 0
@@ -126,6 +132,7 @@ class ModelWorker:
         forced = ForcedLength(cfg.read_tokens, min(cfg.write_units, self.config.final_units))
         events: list[EngineEvent] = []
         on_done, self.on_done = self.on_done, None
+        on_step, self.on_step = self.on_step, None
         try:
             self.open(WARMUP_SESSION, 0, None)
             audio = np.zeros(INPUT_SAMPLE_RATE // 2, dtype=np.float32)  # 0.5 s of silence
@@ -135,7 +142,7 @@ class ModelWorker:
                 self.step()
         finally:
             self.sessions.pop(WARMUP_SESSION, None)
-            self.on_done = on_done
+            self.on_done, self.on_step = on_done, on_step
             self.stats = StepStats()
         return next((e for e in events if isinstance(e, TurnError)), None)
 
@@ -203,6 +210,7 @@ class ModelWorker:
         if not self.turns:
             return
         now = time.monotonic()
+        began, before = time.perf_counter(), replace(self.stats)
         plan = self.scheduler.schedule([self._view(t, now) for t in self.turns.values()])
         self.stats.steps += 1
 
@@ -219,6 +227,11 @@ class ModelWorker:
         for turn in list(self.turns.values()):
             if turn.reply is not None and turn.reply.done and not turn.chunks:
                 self._finish(turn)
+        if self.on_step is not None:
+            s = self.stats
+            self.on_step(time.perf_counter() - began, {
+                "admit": s.admitted - before.admitted, "text": s.text_rows - before.text_rows,
+                "tts": s.tts_rows - before.tts_rows, "vocode": s.vocode_rows - before.vocode_rows})
 
     def _guard(self, turns: list[TurnRun], stage: Callable[[list[TurnRun]], None]) -> None:
         if not turns:
