@@ -65,7 +65,7 @@ ERRORS = [
     ([], '{"type": "start", "temperature": "hot"}', "bad_field", "temperature: expected a number, got 'hot'"),
     ([], '{"type": "start", "seed": 1.5}', "bad_field", "seed: expected an integer, got 1.5"),
     ([], '{"type": "start", "vad": [1]}', "bad_field", "vad: expected an object, got list"),
-    ([], '{"type": "start", "temperature": 9}', "bad_field", "temperature expected in [0, 2], got 9"),
+    ([], '{"type": "start", "temperature": 9}', "bad_field", "temperature: expected a number in [0, 2], got 9"),
     ([], '{"type": "start", "voice": 3}', "bad_field", "voice: expected a string, got 3"),
     ([], '{"type": "start", "key": 123}', "bad_field", "key: expected a string, got int"),
     ([], '{"type": "start", "colour": "red"}', "bad_field", "got unknown ['colour']"),

@@ -6,6 +6,11 @@ float32 mono), then exactly one of `ResponseDone` or `TurnError`. `cancel(played
 within one engine step and cuts the session's history back to what the listener heard; the event stream
 then ends with `ResponseDone(reason="cancelled")`.
 
+Per-turn settings are checked twice, with the same rules: `TurnSettings` checks what holds for every
+engine (types, the sampling ranges, a seed torch's generators take), and `EngineInfo.check_turn` what
+holds for this engine (a known voice, a reply no longer than the engine's limit). A server checks both
+when a client chooses settings, so a turn never fails on them later.
+
 Nothing here touches torch or sockets.
 """
 
@@ -20,10 +25,22 @@ import numpy as np
 from voice_agent.audio import OUTPUT_SAMPLE_RATE
 from voice_agent.errors import TurnRejected
 
+MAX_TEMPERATURE = 2.0
+# Seeds are 0..2**63 - 1: torch's generators take any value in [-2**63, 2**64 - 1], and a turn's generators
+# are seeded with `seed`, `seed + 1` and `seed ^ 0x48494654` (voice_agent.engine.reply and .vocoder).
+MAX_SEED = 2**63 - 1
+MAX_VOICE_CHARS = 200  # no voice name is longer; longer strings are refused before any lookup
+DEFAULT_MAX_REPLY_TOKENS = 512  # the longest reply (text tokens) an engine serves unless configured otherwise
+SHOWN_VOICES = 20  # voice names an error message lists at most
+
 
 @dataclass(frozen=True)
 class TurnSettings:
-    """Per-turn settings a client may choose. `None` means the server's default."""
+    """Per-turn settings a client may choose. `None` means the server's default.
+
+    Checked when built (TurnRejected, "expected X, got Y"): `voice` a string of 1..MAX_VOICE_CHARS
+    characters, `temperature` a number in [0, MAX_TEMPERATURE], `max_new_tokens` an integer >= 1 (the
+    upper bound is the engine's: `EngineInfo.max_new_tokens`), `seed` an integer in [0, MAX_SEED]."""
 
     voice: str | None = None
     temperature: float | None = None
@@ -31,10 +48,15 @@ class TurnSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature is not None and not (0.0 <= self.temperature <= 2.0):
-            raise TurnRejected(f"temperature expected in [0, 2], got {self.temperature}")
-        if self.max_new_tokens is not None and not (1 <= self.max_new_tokens <= 4096):
-            raise TurnRejected(f"max_new_tokens expected in [1, 4096], got {self.max_new_tokens}")
+        v, t, n, seed = self.voice, self.temperature, self.max_new_tokens, self.seed
+        if v is not None and not (isinstance(v, str) and 1 <= len(v) <= MAX_VOICE_CHARS):
+            raise TurnRejected(f"voice: expected a name of 1..{MAX_VOICE_CHARS} characters, got {_preview(v)}")
+        if t is not None and not (_is_number(t) and 0.0 <= t <= MAX_TEMPERATURE):
+            raise TurnRejected(f"temperature: expected a number in [0, {MAX_TEMPERATURE:g}], got {_preview(t)}")
+        if n is not None and not (_is_int(n) and n >= 1):
+            raise TurnRejected(f"max_new_tokens: expected an integer >= 1, got {_preview(n)}")
+        if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+            raise TurnRejected(f"seed: expected an integer in [0, {MAX_SEED}] (2**63 - 1), got {_preview(seed)}")
 
 
 @dataclass
@@ -130,11 +152,29 @@ class EngineSession(Protocol):
 
 @dataclass(frozen=True)
 class EngineInfo:
+    """What an engine serves. `voices`: the names a client may choose; `default_voice`: the engine's own
+    default (set by the operator, possibly a file path, so also allowed); `max_new_tokens`: the longest
+    reply a turn may ask for (text tokens; the engine sizes its caches by it)."""
+
     model_name: str
     demo: bool  # True when running the embedded tiny random-weight model
     device: str
     dtype: str
     voices: tuple[str, ...] = field(default_factory=tuple)
+    default_voice: str | None = None
+    max_new_tokens: int = DEFAULT_MAX_REPLY_TOKENS
+
+    def check_turn(self, settings: TurnSettings) -> None:
+        """Raise TurnRejected for settings this engine cannot serve (an unknown voice, too long a reply)."""
+        n = settings.max_new_tokens
+        if n is not None and n > self.max_new_tokens:
+            raise TurnRejected(f"max_new_tokens: expected an integer 1..{self.max_new_tokens}, got {n}")
+        voice = settings.voice
+        if voice is not None and voice not in self.voices and voice != self.default_voice:
+            shown = list(self.voices[:SHOWN_VOICES])
+            more = f" and {len(self.voices) - SHOWN_VOICES} more" if len(self.voices) > SHOWN_VOICES else ""
+            raise TurnRejected(f"voice: expected one of {shown}{more} (GET /api/info lists them), "
+                               f"got {_preview(voice)}")
 
 
 class Engine(Protocol):
@@ -155,3 +195,17 @@ class Engine(Protocol):
     def open_session(self, *, system_prompt: str | None = None) -> EngineSession:
         """Raises AdmissionError when the engine is full."""
         ...
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _preview(value: object, limit: int = 40) -> str:
+    """`repr(value)`, shortened: error messages never echo a client's long string back whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

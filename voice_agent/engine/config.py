@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from voice_agent.engine.api import DEFAULT_MAX_REPLY_TOKENS
 from voice_agent.engine.schedule import FINAL_UNIT_LIMIT
 from voice_agent.engine.scheduler import SchedulerConfig
 
@@ -21,7 +22,7 @@ class EngineConfig:
     context_tokens: int | None = None  # KV positions per session; None: the model's tokenizer_model_max_length
     kv_budget_bytes: int | None = None  # LLM + TTS KV and flow cache memory for all sessions; None: no limit
     max_new_tokens: int = 256  # a turn's default reply length (text tokens)
-    max_reply_tokens: int = 512  # the most a turn may ask for (sizes the TTS cache)
+    max_reply_tokens: int = DEFAULT_MAX_REPLY_TOKENS  # the most a turn may ask for (sizes the TTS cache)
     final_units: int = FINAL_UNIT_LIMIT  # the reference's limit on units after the final read
     flow_context_units: int | None = 100  # bounded flow window in units (voice_agent.engine.flow_stream)
     flow_cache: bool = True  # cache completed flow chunks (voice_agent.engine.flow_cache)

@@ -206,7 +206,8 @@ class Engine:
 
     def __init__(self, load: Callable[[], Models], config: EngineConfig, info: EngineInfo):
         self.config = config
-        self.info = info
+        # What a client may ask of this engine follows from its config (api.EngineInfo.check_turn).
+        self.info = replace(info, default_voice=config.default_voice, max_new_tokens=config.max_reply_tokens)
         self._load = load
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._ready = threading.Event()
@@ -290,12 +291,7 @@ class Engine:
     def check_settings(self, settings: TurnSettings, forced: Any | None) -> None:
         """Refuse settings the engine cannot serve, before anything is queued."""
         cfg = self.config
-        if settings.max_new_tokens is not None and settings.max_new_tokens > cfg.max_reply_tokens:
-            raise TurnRejected(
-                f"max_new_tokens: expected at most {cfg.max_reply_tokens}, got {settings.max_new_tokens}"
-            )
-        if settings.voice is not None and settings.voice not in self.info.voices:
-            raise TurnRejected(f"voice: expected one of {list(self.info.voices)}, got {settings.voice!r}")
+        self.info.check_turn(settings)
         if forced is not None and (forced.text_tokens > cfg.max_reply_tokens or forced.final_units > cfg.final_units):
             raise TurnRejected(f"forced length {forced} exceeds the engine's max_reply_tokens {cfg.max_reply_tokens} "
                                f"or final_units {cfg.final_units}")
