@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from voice_agent import __version__
 from voice_agent.engine.api import AudioChunk, ResponseDone, TextDelta, TurnError, TurnSettings, UnitBlock
 from voice_agent.engine.build import build_engine
 from voice_agent.engine.config import EngineConfig, Models
@@ -30,9 +29,10 @@ SHORT = ForcedLength(text_tokens=6, final_units=12)  # 2 reads: a 10-unit block,
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint set, written where build_engine looks for its demo model."""
+    """The tiny checkpoint set (the plain test one, not the demo's shaping), written where build_engine looks
+    for its demo model."""
     cache = tmp_path_factory.mktemp("cache")
-    root = cache / f"demo-tiny-v{__version__}-seed0"
+    root = cache / demo_cache_dir().name
     make_tiny(root, seed=0)
     return root
 

@@ -7,8 +7,9 @@ capture speech, get the turn ended by the server, receive text and audio interle
 the second utterance then becomes the next turn.
 
 The engine is the real one, built as `voice-agent serve` builds it on a machine without weights: the
-embedded tiny random-weight demo model (written by `make_tiny` in the official layout). Its replies are
-noise and gibberish, but every byte goes through the real model path, and the page shows the demo banner.
+embedded tiny random-weight demo model (written by `make_tiny` in the official layout), here with plain
+random weights so that replies are long (see `engine_factory`). Its replies are noise and gibberish, but
+every byte goes through the real model path, and the page shows the demo banner.
 
 Needs: apt packages chromium, chromium-driver, espeak-ng (skipped, with the reason, when missing).
 """
@@ -31,6 +32,8 @@ import uvicorn
 from voice_agent.audio import load_audio
 from voice_agent.engine.api import Engine
 from voice_agent.engine.build import build_engine
+from voice_agent.engine.files import demo_cache_dir
+from voice_agent.model.tiny import make_tiny
 from voice_agent.serve.app import build_app, uvicorn_options
 from voice_agent.serve.config import ServerConfig
 
@@ -54,10 +57,12 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def engine_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], Engine]:
-    """The real engine with no weights present: the server's embedded demo model (random replies run to
-    the 1024-unit final flush, about 40 s of audio, so the second utterance lands during playback)."""
+    """The real engine with no weights present, serving its demo model from the cache. The cache holds the
+    plain random tiny set rather than the demo's shaped one (whose reply is 1.6 s): random replies run to
+    the 1024-unit final flush, about 40 s of audio, so the second utterance lands during playback."""
     monkeypatch.chdir(tmp_path)  # no models/ here
     monkeypatch.setenv("VOICE_AGENT_CACHE", str(tmp_path / "cache"))
+    make_tiny(demo_cache_dir(), seed=0)
     return lambda: build_engine(*ServerConfig().engine_options())
 
 

@@ -1,5 +1,6 @@
 """Which model files the server runs: `--model-dir`, else the first model in models/, else the embedded
-tiny random-weight demo model, written once into a cache directory by `make_tiny` (official layout)."""
+tiny random-weight demo model, written once into a cache directory by `make_tiny(..., demo=True)`
+(official layout; a short, quiet reply with visible text, see `model/tiny_demo.py`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 
 MODELS_DIR = "models"  # where `voice-agent download` puts the weights, relative to the working directory
 DEMO_SEED = 0
+DEMO_FORMAT = 2  # bump when what make_tiny writes for the demo changes: the cache key holds it
 
 
 def demo_cache_dir() -> Path:
@@ -24,7 +26,7 @@ def demo_cache_dir() -> Path:
     root = os.environ.get("VOICE_AGENT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "voice-agent"
     )
-    return Path(root) / f"demo-tiny-v{__version__}-seed{DEMO_SEED}"
+    return Path(root) / f"demo-tiny-v{__version__}-format{DEMO_FORMAT}-seed{DEMO_SEED}"
 
 
 def ensure_demo_model(root: Path | None = None) -> Path:
@@ -36,7 +38,7 @@ def ensure_demo_model(root: Path | None = None) -> Path:
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-    make_tiny(tmp, seed=DEMO_SEED)
+    make_tiny(tmp, seed=DEMO_SEED, demo=True)
     try:
         os.replace(tmp, root)
     except OSError:  # another process wrote it first

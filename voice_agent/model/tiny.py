@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from voice_agent.model.config import Qwen2Dims
 from voice_agent.model.cosy2.tiny import write_tiny_cosy2_decoder
+from voice_agent.model.tiny_demo import shape_demo_llm, shape_demo_tts
 from voice_agent.model.tiny_tokenizer import (
     ENDOFTEXT,
     IM_END,
@@ -247,6 +248,7 @@ def make_tiny(
     with_generation_config: bool = False,
     dtype: torch.dtype = torch.float32,
     whisper_head_dim: int = WHISPER_HEAD_DIM,
+    demo: bool = False,
 ) -> TinyPaths:
     """Write the tiny checkpoint set under `out_dir` (see the module docstring) and return its paths.
 
@@ -254,7 +256,8 @@ def make_tiny(
     embedding, without it omitted; untied writes a distinct lm_head. The TTS lm_head is always stored, equal
     to the TTS embedding. `sharded` splits the weights into two shards plus an index. `whisper_head_dim`
     sets the encoder's head count in the whisper file's dims (n_state // head dim); no tensor shape
-    depends on it.
+    depends on it. `demo` writes the server's embedded demo model instead: the same keys and shapes with a
+    few tensors shaped for a short, quiet, readable reply (`tiny_demo`); without it nothing changes.
     """
     root = Path(out_dir)
     model_dir, encoder_path = root / MODEL_DIR, root / ENCODER_DIR / ENCODER_FILE
@@ -278,6 +281,9 @@ def make_tiny(
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     tts_embedding = tensors["speech_generator.model.model.embed_tokens.weight"]
     tensors["speech_generator.model.lm_head.weight"] = tts_embedding.clone()
+    if demo:
+        shape_demo_llm(tensors, vocab, llm.num_layers)
+        shape_demo_tts(tensors, vocab, tts.num_layers)
     _save_safetensors(tensors, model_dir, sharded)
 
     prefix = "model.speech_encoder."
@@ -287,7 +293,7 @@ def make_tiny(
     dims = WHISPER_DIMS | {"n_audio_head": WHISPER_N_AUDIO_STATE // whisper_head_dim}
     torch.save({"dims": dims, "model_state_dict": whisper_state}, str(encoder_path))
 
-    cosy2_dir = write_tiny_cosy2_decoder(root / COSY2_DIR, seed)
+    cosy2_dir = write_tiny_cosy2_decoder(root / COSY2_DIR, seed, quiet=demo)
     return TinyPaths(root, model_dir, model_dir / TTS_TOKENIZER_DIR, encoder_path, cosy2_dir)
 
 

@@ -96,6 +96,22 @@ class TinyVocab:
         units = [(f"<{u}>", False) for u in range(UNIT_VOCAB_SIZE)]
         return cls(bpe, merges, [*specials, (SPEECH, True)], [*specials, (SEP, True), *units])
 
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` (no special tokens) as the written tokenizer gives them: pre-tokenize, then in each
+        piece merge the adjacent pair of lowest merge rank until none is left."""
+        symbol, rank = byte_symbols(), {pair: i for i, pair in enumerate(self.merges)}
+        ids: list[int] = []
+        for piece in regex.findall(PRETOKENIZE_PATTERN, text):
+            word = [symbol[b] for b in piece.encode()]
+            while len(word) > 1:
+                pairs = enumerate(zip(word, word[1:], strict=False))
+                best, i = min((rank.get(pair, len(rank)), i) for i, pair in pairs)
+                if best == len(rank):
+                    break
+                word[i : i + 2] = [word[i] + word[i + 1]]
+            ids += [self.bpe[w] for w in word]
+        return ids
+
     def special_id(self, token: str) -> int:
         """Id of one of the specials shared by both tokenizers."""
         return len(self.bpe) + [ENDOFTEXT, IM_START, IM_END].index(token)

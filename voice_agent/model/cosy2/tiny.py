@@ -9,6 +9,8 @@ the decoder part of `voice_agent.model.tiny.make_tiny`. The pieces: `write_tiny_
 Values: the flow gets LeCun-normal matrices, unit LayerNorms and an output bias at log-mel level
 (`TINY_MEL_LEVEL`), so its mel looks like a log-mel; the HiFT keeps PyTorch's seeded default init with an f0
 head that gives a voiced / unvoiced mix. `random_hift` also builds the official-shape HiFT of the benchmarks.
+`quiet=True` (the server's demo model) makes the HiFT's output soft, low-passed noise far below full scale
+(`quiet_hift_state`); without it nothing changes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from voice_agent.model.cosy2.hift_config import HiFTConfig
 from voice_agent.model.cosy2.voice import EMBEDDING_DIM, PROMPT_WAVS, VOICES_DIR
 
 TINY_MEL_LEVEL = -6.0  # tiny random flow: final_proj bias, so mel ~ noise + level (log-mel range)
+# The demo's quiet HiFT (`quiet_hift_state`): conv_post's log-magnitude channels get this gain on g and a
+# bias falling from QUIET_LOG_MAGNITUDE by QUIET_LOG_MAGNITUDE_SLOPE per STFT bin (1.5 kHz at n_fft 16).
+QUIET_GAIN = 0.02
+QUIET_LOG_MAGNITUDE = -1.0
+QUIET_LOG_MAGNITUDE_SLOPE = 1.0
 
 
 def _save(state: dict[str, torch.Tensor], path: str | Path) -> Path:
@@ -112,10 +119,12 @@ def write_tiny_hift(
     *,
     spelling: str = "weight_g",
     prefix: str = "",
+    quiet: bool = False,
 ) -> Path:
     """Write `random_hift(cfg, seed)` as a state dict in the official layout: every conv but `source_downs`
     stored weight-normed as (g, v) with random g. Same seed, same bytes. `spelling` is "weight_g"
-    (old-style) or "parametrizations"; `prefix` is prepended to every key (e.g. "generator.")."""
+    (old-style) or "parametrizations"; `prefix` is prepended to every key (e.g. "generator."); `quiet`
+    applies `quiet_hift_state`."""
     if spelling not in WEIGHT_NORM_SPELLINGS:
         raise ValueError(f"write_tiny_hift: expected spelling in {sorted(WEIGHT_NORM_SPELLINGS)}, "
                          f"got {spelling!r}")
@@ -133,7 +142,18 @@ def write_tiny_hift(
             out[f"{prefix}{base}.{v_suffix}"] = value.clone()
         else:
             out[prefix + key] = value.clone()
+    if quiet:
+        quiet_hift_state(out, model.cfg, g_suffix, prefix)
     return _save(out, path)
+
+
+def quiet_hift_state(state: dict[str, torch.Tensor], cfg: HiFTConfig, g_suffix: str, prefix: str = "") -> None:
+    """Quiet a stored random HiFT in place: conv_post's log-magnitude outputs (its first n_fft / 2 + 1
+    channels) become nearly constant, QUIET_LOG_MAGNITUDE at the lowest bin and falling with frequency,
+    while its phase outputs stay random. The iSTFT then gives soft low-passed noise, whatever the mel."""
+    bins = cfg.istft_n_fft // 2 + 1
+    state[f"{prefix}conv_post.{g_suffix}"][:bins] *= QUIET_GAIN
+    state[f"{prefix}conv_post.bias"][:bins] = QUIET_LOG_MAGNITUDE - QUIET_LOG_MAGNITUDE_SLOPE * torch.arange(bins)
 
 
 def write_tiny_voices(decoder_dir: str | Path, seed: int = 0) -> list[Path]:
@@ -148,15 +168,15 @@ def write_tiny_voices(decoder_dir: str | Path, seed: int = 0) -> list[Path]:
     return out
 
 
-def write_tiny_cosy2_decoder(directory: str | Path, seed: int = 0) -> Path:
+def write_tiny_cosy2_decoder(directory: str | Path, seed: int = 0, *, quiet: bool = False) -> Path:
     """Write a tiny decoder directory: flow.pt, hift.pt, cosyvoice.yaml and default voices.
 
-    Same seed, same bytes."""
+    Same seed, same bytes. `quiet`: the demo model's quiet HiFT (`quiet_hift_state`)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     flow_cfg, hift_cfg = FlowConfig.tiny(), HiFTConfig.tiny()
     write_tiny_flow(d / FLOW_FILE, flow_cfg, seed)
-    write_tiny_hift(d / HIFT_FILE, hift_cfg, seed)
+    write_tiny_hift(d / HIFT_FILE, hift_cfg, seed, quiet=quiet)
     (d / YAML_FILE).write_text(cosyvoice_yaml_text(flow_cfg, hift_cfg), encoding="utf-8")
     write_tiny_voices(d, seed)
     return d
