@@ -7,8 +7,9 @@ sleep per block standing in for an engine step, honours `cancel(played_ms)` with
 keeps only the words whose audio had started playing), records what it was asked, and keeps each
 session's history separate. With `hold=True` a reply, once its blocks are out, goes on "generating"
 without output until cancelled. Like the real engine it refuses a turn of more than MAX_INPUT_SAMPLES
-(FAKE_MAX_INPUT_SAMPLES names the fake's copy of that check). Scripted failures by voice name:
-"fake-crash" makes the turn's iterator raise RuntimeError, "fake-error" makes it yield a TurnError.
+(FAKE_MAX_INPUT_SAMPLES names the fake's copy of that check). Scripted failures by voice name
+(both are in its `info.voices`, so the server lets them through): "fake-crash" makes the turn's iterator
+raise RuntimeError, "fake-error" makes it yield a TurnError.
 Never use it to claim model behaviour.
 """
 
@@ -38,6 +39,7 @@ from voice_agent.errors import AdmissionError, TurnRejected
 FAKE_TONE_HZ = 330.0
 FAKE_AMPLITUDE = 0.2
 FAKE_MAX_INPUT_SAMPLES = MAX_INPUT_SAMPLES  # the real engine's 30-s input limit, enforced by the fake
+FAKE_VOICES = ("en", "alt", "fake-crash", "fake-error")  # the fake's `info.voices`, its scripted failures too
 
 
 def tone(ms: float, hz: float = 440.0, amp: float = 0.3) -> np.ndarray:
@@ -177,7 +179,7 @@ class FakeEngine:
         self.hold = hold
         self.words = [f"w{i}" for i in range(blocks)]
         self.info = EngineInfo(model_name="FakeEngine", demo=demo, device="cpu", dtype="float32",
-                               voices=("default", "alt"))
+                               voices=FAKE_VOICES)
         self._ready = ready
         self._ids = itertools.count(1)
         self.sessions: list[FakeEngineSession] = []

@@ -106,6 +106,34 @@ class TooManyErrors(VoiceAgentError):
     code = "too_many_errors"
 
 
+class AuthCoolDown(VoiceAgentError):
+    """A peer failed the API key too often and is refused for a while (`retry_after_s`)."""
+
+    code = "auth_cooldown"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooManyConnections(VoiceAgentError):
+    """A peer already holds as many connections as it may."""
+
+    code = "too_many_connections"
+
+
+class IdleTimeout(VoiceAgentError):
+    """A session received no audio for too long."""
+
+    code = "idle_timeout"
+
+
+class SessionTooLong(VoiceAgentError):
+    """A session reached the longest a session may last."""
+
+    code = "session_too_long"
+
+
 class AdmissionError(VoiceAgentError):
     """The engine is full (sessions or KV memory); the reason says which limit was hit."""
 

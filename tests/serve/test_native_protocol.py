@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from voice_agent.audio import resample
-from voice_agent.engine.api import TurnSettings
+from voice_agent.engine.api import EngineInfo, TurnSettings
 from voice_agent.errors import ProtocolError
 from voice_agent.serve.protocols.events import (
     AudioFrame,
     ErrorEvent,
+    FieldRejected,
     Interrupted,
     InterruptRequest,
     PlaybackProgress,
@@ -32,6 +34,7 @@ from voice_agent.serve.settings import SessionSettings
 from voice_agent.serve.vad import VadSettings
 
 START = json.dumps({"type": "start"})
+ENGINE = EngineInfo("LLaMA-Omni2-test", False, "cpu", "float32", voices=("en", "zh"), max_new_tokens=512)
 
 
 def opened(defaults: SessionSettings | None = None, **start: object) -> NativeProtocol:
@@ -66,6 +69,21 @@ ERRORS = [
     ([], '{"type": "start", "seed": 1.5}', "bad_field", "seed: expected an integer, got 1.5"),
     ([], '{"type": "start", "vad": [1]}', "bad_field", "vad: expected an object, got list"),
     ([], '{"type": "start", "temperature": 9}', "bad_field", "temperature: expected a number in [0, 2], got 9"),
+    ([], '{"type": "start", "temperature": NaN}', "bad_field", "temperature: expected a number in [0, 2], got nan"),
+    ([], json.dumps({"type": "start", "seed": 2**70}), "bad_field",
+     f"seed: expected an integer in [0, {2**63 - 1}] (2**63 - 1), got {2**70}"),
+    ([], '{"type": "start", "seed": -1}', "bad_field", "seed: expected an integer in [0, "),
+    ([], '{"type": "start", "voice": "default"}', "bad_field",
+     "voice: expected one of ['en', 'zh'] (GET /api/info lists them), got 'default'"),
+    ([], '{"type": "start", "voice": "../../../../etc/passwd"}', "bad_field", "voice: expected one of ['en', 'zh']"),
+    ([], json.dumps({"type": "start", "voice": "x" * 100_000}), "bad_field",
+     "voice: expected a name of 1..200 characters, got 'xxxxx"),
+    ([], '{"type": "start", "voice": ""}', "bad_field", "voice: expected a name of 1..200 characters, got ''"),
+    ([], '{"type": "start", "max_new_tokens": 513}', "bad_field",
+     "max_new_tokens: expected an integer 1..512, got 513"),
+    ([], '{"type": "start", "max_new_tokens": 0}', "bad_field", "max_new_tokens: expected an integer >= 1, got 0"),
+    ([START], '{"type": "update", "voice": "nobody"}', "bad_field", "voice: expected one of ['en', 'zh']"),
+    ([START], '{"type": "update", "max_new_tokens": 4096}', "bad_field", "expected an integer 1..512, got 4096"),
     ([], '{"type": "start", "voice": 3}', "bad_field", "voice: expected a string, got 3"),
     ([], '{"type": "start", "key": 123}', "bad_field", "key: expected a string, got int"),
     ([], '{"type": "start", "colour": "red"}', "bad_field", "got unknown ['colour']"),
@@ -75,21 +93,49 @@ ERRORS = [
     ([START], '{"type": "playback", "played_ms": 3}', "bad_field", "playback.response_id: expected a string"),
     ([START], '{"type": "playback", "response_id": "r", "played_ms": -1}', "bad_field", "got -1"),
     ([START], '{"type": "playback", "response_id": "r", "played_ms": NaN}', "bad_field", "got nan"),
-    ([START], '{"type": "interrupt", "played_ms": "x"}', "bad_field", "interrupt.played_ms: expected"),
     ([START], '{"type": "update", "vad": {"min_interruption_ms": -5}}', "bad_field", "min_interruption_ms"),
 ]
 
 
 @pytest.mark.parametrize("before, message, code, text", ERRORS)
 def test_bad_input_gets_a_typed_error(before: list, message: str | bytes, code: str, text: str) -> None:
-    p = NativeProtocol(SessionSettings())
+    p = NativeProtocol(SessionSettings(), ENGINE)
     for m in before:
         p.decode(m)
     with pytest.raises(ProtocolError) as info:
         p.decode(message)
     assert info.value.code == code
     assert text in str(info.value)
+    assert len(str(info.value)) < 300  # a client's long string is never echoed back whole
     assert not info.value.fatal
+
+
+def test_turn_options_the_engine_serves_are_accepted() -> None:
+    p = NativeProtocol(SessionSettings(turn=TurnSettings(voice="/srv/voices/operator.npy")),
+                       dataclasses.replace(ENGINE, default_voice="/srv/voices/operator.npy"))
+    msg = {"type": "start", "voice": "zh", "max_new_tokens": 512, "seed": 2**63 - 1, "temperature": 0}
+    (event,) = p.decode(json.dumps(msg))
+    assert isinstance(event, StartSession)
+    assert event.settings.turn == TurnSettings(voice="zh", temperature=0, max_new_tokens=512, seed=2**63 - 1)
+    (update,) = p.decode(json.dumps({"type": "update", "voice": "/srv/voices/operator.npy"}))  # the server default
+    assert isinstance(update, UpdateSettings) and update.settings.turn.voice == "/srv/voices/operator.npy"
+
+
+def test_a_refused_update_keeps_the_settings() -> None:
+    p = NativeProtocol(SessionSettings(), ENGINE)
+    p.decode(json.dumps({"type": "start", "voice": "zh"}))
+    with pytest.raises(ProtocolError):
+        p.decode(json.dumps({"type": "update", "voice": "default", "seed": 1}))
+    (update,) = p.decode(json.dumps({"type": "update", "seed": 2}))
+    assert isinstance(update, UpdateSettings) and update.settings.turn == TurnSettings(voice="zh", seed=2)
+
+
+@pytest.mark.parametrize("played", ['"x"', "NaN", "-1", "Infinity", "[]"])
+def test_an_interrupt_with_a_bad_played_ms_still_stops_and_reports_the_field(played: str) -> None:
+    events = opened().decode(f'{{"type": "interrupt", "played_ms": {played}}}')
+    assert events[0] == InterruptRequest(None)  # stop, estimating what was played
+    assert isinstance(events[1], FieldRejected) and events[1].code == "bad_field"
+    assert events[1].message.startswith("interrupt.played_ms: expected a number of milliseconds >= 0, got")
 
 
 def test_bad_start_leaves_the_protocol_waiting_for_a_good_one() -> None:
@@ -167,8 +213,11 @@ ENCODED = [
     (SettingsUpdated(SessionSettings(turn=TurnSettings(voice="x"))),
      {"type": "session.updated", "settings": {**DEFAULT_SETTINGS_JSON, "voice": "x"}}),
     (SpeechStarted(120.0), {"type": "speech.started", "at_ms": 120.0}),
-    (SpeechStopped(900.0, 780.0, True), {"type": "speech.stopped", "at_ms": 900.0, "duration_ms": 780.0,
-                                         "turn": True, "reason": "silence"}),
+    (SpeechStopped(900.0, 780.0, True, response_id="resp_1"),
+     {"type": "speech.stopped", "at_ms": 900.0, "duration_ms": 780.0, "turn": True, "reason": "silence",
+      "response_id": "resp_1"}),
+    (SpeechStopped(900.0, 180.0, False), {"type": "speech.stopped", "at_ms": 900.0, "duration_ms": 180.0,
+                                          "turn": False, "reason": "silence", "response_id": None}),
     (ResponseStarted("resp_1"), {"type": "response.started", "response_id": "resp_1"}),
     (ResponseText("resp_1", "Hi"), {"type": "text.delta", "response_id": "resp_1", "text": "Hi"}),
     (ResponseFinished("resp_1", "eos", "Hi", 1234.567, {"first_audio": 310.0}),

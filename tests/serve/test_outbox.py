@@ -14,7 +14,7 @@ async def test_messages_come_out_in_order() -> None:
     box = Outbox(4)
     for m in ("a", b"b", "c"):
         box.put(m)
-    assert [await box.get() for _ in range(3)] == ["a", b"b", "c"]
+    assert [(await box.get()).data for _ in range(3)] == ["a", b"b", "c"]
     assert len(box) == 0
 
 
@@ -24,7 +24,7 @@ async def test_get_waits_for_a_message() -> None:
     await asyncio.sleep(0.01)
     assert not waiting.done()
     box.put("late")
-    assert await asyncio.wait_for(waiting, 1.0) == "late"
+    assert (await asyncio.wait_for(waiting, 1.0)).data == "late"
 
 
 async def test_the_client_is_behind_from_limit_messages_until_it_catches_up() -> None:
@@ -63,7 +63,16 @@ async def test_drop_removes_only_the_interrupted_responses_messages() -> None:
     assert box.behind_since is not None
     box.drop("r1")
     assert box.behind_since is None  # what the client no longer needs does not count against it
-    assert [await box.get() for _ in range(3)] == ["started r1", "interrupted r1", b"audio r2"]
+    assert [(await box.get()).data for _ in range(3)] == ["started r1", "interrupted r1", b"audio r2"]
+
+
+async def test_a_message_says_which_reply_audio_it_completes() -> None:
+    box = Outbox(4)
+    box.put(b"audio r1", "r1", audio=("r1", 480.0))
+    box.put("done r1")
+    first, second = await box.get(), await box.get()
+    assert (first.data, first.response_id, first.audio) == (b"audio r1", "r1", ("r1", 480.0))
+    assert second.audio is None
 
 
 async def test_overdue_returns_after_an_unbroken_spell_behind() -> None:

@@ -138,6 +138,7 @@ async def test_http_routes() -> None:
         info = (await http.get("/api/info")).json()
         assert info["demo"] is True and info["download_command"] == "voice-agent download"
         assert info["auth_required"] is False and info["settings"]["vad"]["silence_ms"] == 500
+        assert info["voices"] == ["en", "alt", "fake-crash", "fake-error"] and info["max_new_tokens"] == 512
         page = await http.get("/")
         assert page.status_code == 200 and 'src="static/app.js"' in page.text
         for name in ("app.js", "capture-worklet.js", "player-worklet.js", "style.css"):
@@ -322,7 +323,7 @@ async def test_engine_failure_reaches_only_its_own_client() -> None:
         assert error["code"] == "engine_error" and "RuntimeError: FakeEngine scripted crash" in error["message"]
         assert (await bad.until("response.done"))["reason"] == "error"
         assert (await good_done)["reason"] == "eos"
-        await bad.send({"type": "update", "voice": "default"})
+        await bad.send({"type": "update", "voice": "en"})
         await bad.until("session.updated")
         assert (await bad.turn())["reason"] == "eos"  # the failing session is still usable
 

@@ -53,6 +53,15 @@ def chunk(start_ms: float, ms: float = 500.0) -> AudioChunk:
     return AudioChunk(np.zeros(int(ms * 24), np.float32), start_ms)
 
 
+def play(s: Session, rid: str, start_ms: float, ms: float, now: float, *, sent: bool = True) -> list:
+    """An engine audio chunk of `rid`, and (`sent`) its hand-over to the socket at `now`, as the
+    connection reports it."""
+    out = s.on_engine_event(rid, chunk(start_ms, ms), now)
+    if sent:
+        s.on_audio_sent(rid, start_ms + ms, now)
+    return out
+
+
 def done(reason: str = "eos", text: str = "hi", audio_ms: float = 0.0) -> ResponseDone:
     return ResponseDone(text, reason, TurnTimings(speech_end=0.0, first_audio=0.1), audio_ms)  # type: ignore[arg-type]
 
@@ -85,7 +94,7 @@ def test_engine_events_reach_the_client_and_playback_ends_the_response() -> None
     s, c = make_session()
     rid = start_response(s, c).response_id
     assert of(s.on_engine_event(rid, TextDelta("Hello"), c.now), ResponseText) == [ResponseText(rid, "Hello")]
-    audio = s.on_engine_event(rid, chunk(0.0), c.now)
+    audio = play(s, rid, 0.0, 500.0, c.now)
     assert isinstance(audio[0], ResponseAudio) and audio[0].start_ms == 0.0
     fin = of(s.on_engine_event(rid, done(text="Hello", audio_ms=500.0), c.now), ResponseFinished)[0]
     assert fin.reason == "eos" and fin.text == "Hello" and fin.audio_ms == 500.0
@@ -101,7 +110,7 @@ def test_silent_client_playback_is_estimated_in_real_time() -> None:
     s, c = make_session()
     rid = start_response(s, c).response_id
     t0 = c.now
-    s.on_engine_event(rid, chunk(0.0, 1000.0), t0)
+    play(s, rid, 0.0, 1000.0, t0)
     s.on_engine_event(rid, done(audio_ms=1000.0), t0)
     c.feed(silence(1200))  # 1.0 s of audio + 0.3 s slack not yet over
     assert s.state is TurnState.RESPONDING
@@ -123,7 +132,7 @@ def test_backchannel_shorter_than_min_interruption_is_ignored() -> None:
 def test_barge_in_cancels_response_and_the_new_turn_waits_for_the_cancel() -> None:
     s, c = make_session(min_interruption_ms=400)
     rid = start_response(s, c).response_id
-    s.on_engine_event(rid, chunk(0.0, 5000.0), c.now)
+    play(s, rid, 0.0, 5000.0, c.now)
     s.on_playback(rid, 700.0, c.now)
     out = c.feed(tone(380))  # speech started, not long enough yet
     assert s.state is TurnState.OVERLAP and not of(out, CancelTurn)
@@ -145,7 +154,7 @@ def test_barge_in_cancels_response_and_the_new_turn_waits_for_the_cancel() -> No
 def test_barge_in_during_playback_after_generation_finished() -> None:
     s, c = make_session()
     rid = start_response(s, c).response_id
-    s.on_engine_event(rid, chunk(0.0, 4000.0), c.now)
+    play(s, rid, 0.0, 4000.0, c.now)
     s.on_engine_event(rid, done(audio_ms=4000.0), c.now)
     out = c.feed(tone(500))
     played = of(out, Interrupted)[0].played_ms
@@ -167,7 +176,7 @@ def test_one_utterance_arriving_in_one_piece_still_interrupts() -> None:
 def test_client_interrupt_request() -> None:
     s, c = make_session()
     rid = start_response(s, c).response_id
-    s.on_engine_event(rid, chunk(0.0, 3000.0), c.now)
+    play(s, rid, 0.0, 3000.0, c.now)
     out = s.on_interrupt_request(1234.0, c.now)
     assert of(out, Interrupted) == [Interrupted(rid, 1234.0)]
     assert s.state is TurnState.LISTENING
@@ -205,3 +214,97 @@ def test_transition_table_rejects_impossible_triggers() -> None:
 def test_min_interruption_is_validated() -> None:
     with pytest.raises(VadSettingsError, match=r"min_interruption_ms: expected an integer 0..10000, got -1"):
         SessionSettings(min_interruption_ms=-1)
+
+
+def test_played_ms_never_exceeds_the_audio_sent() -> None:
+    s, c = make_session()
+    rid = start_response(s, c).response_id
+    play(s, rid, 0.0, 1000.0, c.now)
+    play(s, rid, 1000.0, 2000.0, c.now, sent=False)  # generated, still queued for a slow client
+    s.on_playback(rid, 2500.0, c.now)  # a report beyond what was sent counts as all that was sent
+    assert of(s.on_interrupt_request(None, c.now), Interrupted) == [Interrupted(rid, 1000.0)]
+
+
+def test_a_silent_clients_playback_is_estimated_from_what_was_sent() -> None:
+    s, c = make_session()
+    rid = start_response(s, c).response_id
+    play(s, rid, 0.0, 800.0, c.now)
+    play(s, rid, 800.0, 4000.0, c.now, sent=False)
+    out = s.on_interrupt_request(None, c.now + 10.0)  # long after: a real-time player has played it all
+    assert of(out, Interrupted) == [Interrupted(rid, 800.0)]
+
+
+def test_a_cancelled_response_counts_the_audio_sent_not_generated() -> None:
+    s, c = make_session()
+    rid = start_response(s, c).response_id
+    play(s, rid, 0.0, 500.0, c.now)
+    play(s, rid, 500.0, 1500.0, c.now, sent=False)  # dropped unsent at the cancel
+    (cancel,) = of(s.on_interrupt_request(None, c.now), CancelTurn)
+    assert cancel.generating
+    (fin,) = of(s.on_engine_event(rid, done("cancelled", audio_ms=2000.0), c.now), ResponseFinished)
+    assert fin.audio_ms == 500.0
+
+
+def test_a_finished_response_is_not_over_until_its_audio_is_sent() -> None:
+    s, c = make_session()
+    rid = start_response(s, c).response_id
+    play(s, rid, 0.0, 500.0, c.now, sent=False)
+    (fin,) = of(s.on_engine_event(rid, done(audio_ms=500.0), c.now), ResponseFinished)
+    assert fin.audio_ms == 500.0  # all of it is queued ahead of response.done
+    c.feed(silence(2000))
+    assert s.state is TurnState.RESPONDING  # a slow reader has not even received it yet
+    s.on_audio_sent(rid, 500.0, c.now)
+    c.feed(silence(900))
+    assert s.state is TurnState.LISTENING
+
+
+def interrupt_then_end_a_turn(s: Session, c: Clock) -> str:
+    """Barge in on resp_1, end the interrupting turn while resp_1 is still being cancelled; returns resp_1."""
+    rid = start_response(s, c).response_id
+    play(s, rid, 0.0, 5000.0, c.now)
+    out = c.feed(np.concatenate([tone(600), silence(400)]))
+    assert of(out, Interrupted) and not of(out, SubmitTurn)
+    (stopped,) = of(out, SpeechStopped)
+    assert stopped.turn and stopped.response_id == "resp_2"  # announced: resp_2 will answer it
+    return rid
+
+
+def test_a_turn_that_waits_for_a_cancel_and_is_spoken_over_is_still_answered() -> None:
+    s, c = make_session(min_interruption_ms=400)
+    rid = interrupt_then_end_a_turn(s, c)
+    out = c.feed(np.concatenate([tone(700), silence(400)]))  # the user goes on before resp_2 could start
+    assert not of(out, Interrupted) and not of(out, CancelTurn)  # nothing was playing
+    (stopped,) = of(out, SpeechStopped)
+    assert stopped.turn and stopped.response_id == "resp_2"  # this utterance joins the waiting turn
+    out = s.on_engine_event(rid, done("cancelled"), c.now)
+    assert [type(o) for o in out] == [ResponseFinished, ResponseStarted, SubmitTurn]
+    (submit,) = of(out, SubmitTurn)
+    assert submit.response_id == "resp_2"
+    assert len(submit.audio) == (100 + 600 + 100 + 100 + 700 + 100) * 16  # both utterances, with padding
+
+
+def test_the_joined_turn_keeps_the_latest_max_turn_ms() -> None:
+    s, c = make_session()
+    rid = interrupt_then_end_a_turn(s, c)
+    c.feed(np.concatenate([tone(20_000), silence(400)]))
+    c.feed(np.concatenate([tone(20_000), silence(400)]))
+    (submit,) = of(s.on_engine_event(rid, done("cancelled"), c.now), SubmitTurn)
+    assert submit.response_id == "resp_2" and len(submit.audio) == s.settings.vad.max_turn_ms * 16
+
+
+def test_a_stop_request_while_a_turn_waits_for_a_cancel_leaves_the_turn_answered() -> None:
+    s, c = make_session()
+    rid = interrupt_then_end_a_turn(s, c)
+    assert s.on_interrupt_request(100.0, c.now) == []  # resp_2 has not started: nothing is playing
+    out = s.on_engine_event(rid, done("cancelled"), c.now)
+    assert of(out, ResponseStarted) == [ResponseStarted("resp_2")]
+
+
+def test_a_turn_that_ends_while_another_is_spoken_waits_for_the_speaker() -> None:
+    s, c = make_session()
+    rid = interrupt_then_end_a_turn(s, c)
+    c.feed(tone(300))  # the user speaks again: the waiting turn reopens
+    assert s.state is TurnState.USER_SPEAKING
+    assert s.on_engine_event(rid, done("cancelled"), c.now)[1:] == []  # not submitted mid-utterance
+    out = c.feed(silence(400))
+    assert [type(o) for o in out] == [SpeechStopped, ResponseStarted, SubmitTurn]

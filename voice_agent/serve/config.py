@@ -16,9 +16,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from voice_agent.audio import MAX_TURN_MS
-from voice_agent.engine.api import TurnSettings
+from voice_agent.engine.api import DEFAULT_MAX_REPLY_TOKENS, TurnSettings
 from voice_agent.engine.build import ModelChoice
 from voice_agent.engine.config import EngineConfig
+from voice_agent.engine.schedule import FINAL_UNIT_LIMIT
 from voice_agent.errors import ConfigError, VoiceAgentError
 from voice_agent.serve.settings import SessionSettings
 from voice_agent.serve.vad import VadSettings
@@ -26,6 +27,10 @@ from voice_agent.serve.vad import VadSettings
 ENV_PREFIX = "VOICE_AGENT_"
 DTYPES = ("float32", "bfloat16", "float16")
 VAD_KINDS = ("webrtc", "silero")
+MAX_REPLY_TOKENS = 4096  # text tokens; the TTS cache grows with it
+# A client that stops reading also stops answering uvicorn's keepalive pings, which close it with 1011 after
+# serve.app.WS_PING_TIMEOUT_S (20 s); the slow-client rule (4001) must come well before that.
+MAX_SLOW_CLIENT_MS = 10_000
 
 
 def _opt(
@@ -52,6 +57,10 @@ class ServerConfig:
                                   "(0: the model's tokenizer_model_max_length)", int)
     kv_budget_mb: int = _opt(0, "KV and flow cache memory for all conversations in MiB; fewer sessions are admitted "
                                 "if it is smaller than max-sessions needs (0: no limit)", int)
+    max_reply_tokens: int = _opt(DEFAULT_MAX_REPLY_TOKENS, "the longest reply a client may ask for with "
+                                 f"max_new_tokens (text tokens, 1..{MAX_REPLY_TOKENS}; sizes the TTS cache)", int)
+    final_units: int = _opt(FINAL_UNIT_LIMIT, "speech units the TTS may still write once the reply's text has "
+                            f"ended (25 per second; 1..{FINAL_UNIT_LIMIT}, the reference's limit)", int)
     encoder_input: str = _opt("padded", "speech encoder input: 'padded' to 30 s as the reference (faithful), "
                                         "or 'unpadded', the real length (faster; changes numbers)",
                               choices=("padded", "unpadded"))
@@ -65,6 +74,15 @@ class ServerConfig:
     voice: str | None = _opt(None, "default voice name (clients may choose another)")
     api_key: str | None = _opt(None, "if set, every WebSocket needs it (Authorization: Bearer KEY, "
                                      "or 'key' in the start message)")
+    auth_max_failures: int = _opt(10, "failed API-key attempts from one peer (IP address) within auth-cooldown-s "
+                                      "after which its handshakes are refused (HTTP 429)", int)
+    auth_cooldown_s: int = _opt(60, "how long a peer that reached auth-max-failures is refused, from its last "
+                                    "failure (s)", int)
+    max_connections_per_peer: int = _opt(16, "open WebSocket connections one peer (IP address) may hold; more "
+                                             "are closed with 1013", int)
+    idle_timeout_s: int = _opt(60, "a session that receives no audio for this long is closed with 4004 (s; 0: never)",
+                               int)
+    max_session_s: int = _opt(3600, "a session is closed with 4005 once it has lasted this long (s; 0: no limit)", int)
     vad: str = _opt("webrtc", "voice activity detector (silero needs: pip install silero-vad)",
                     choices=VAD_KINDS)
     vad_aggressiveness: int = _opt(2, "webrtcvad aggressiveness 0..3", int)
@@ -102,8 +120,15 @@ class ServerConfig:
         need(self.kv_budget_mb >= 0, "kv_budget_mb", "an integer >= 0")
         need(0 <= self.flow_context_units <= 7500, "flow_context_units", "an integer 0..7500")
         need(8 <= self.send_queue_messages <= 100_000, "send_queue_messages", "an integer 8..100000")
-        need(10 <= self.slow_client_ms <= 60_000, "slow_client_ms", "an integer 10..60000")
+        need(10 <= self.slow_client_ms <= MAX_SLOW_CLIENT_MS, "slow_client_ms", f"an integer 10..{MAX_SLOW_CLIENT_MS}")
         need(self.api_key is None or len(self.api_key) >= 8, "api_key", "at least 8 characters")
+        need(1 <= self.max_reply_tokens <= MAX_REPLY_TOKENS, "max_reply_tokens", f"an integer 1..{MAX_REPLY_TOKENS}")
+        need(1 <= self.final_units <= FINAL_UNIT_LIMIT, "final_units", f"an integer 1..{FINAL_UNIT_LIMIT}")
+        need(1 <= self.auth_max_failures <= 10_000, "auth_max_failures", "an integer 1..10000")
+        need(1 <= self.auth_cooldown_s <= 86_400, "auth_cooldown_s", "an integer 1..86400")
+        need(1 <= self.max_connections_per_peer <= 100_000, "max_connections_per_peer", "an integer 1..100000")
+        need(0 <= self.idle_timeout_s <= 86_400, "idle_timeout_s", "an integer 0..86400")
+        need(0 <= self.max_session_s <= 7 * 86_400, "max_session_s", "an integer 0..604800")
         for f in fields(self):
             choices = f.metadata["choices"]
             need(choices is None or getattr(self, f.name) in choices, f.name, f"one of {choices}")
@@ -132,6 +157,9 @@ class ServerConfig:
                             unpadded=self.encoder_input == "unpadded")
         engine = EngineConfig(
             max_sessions=self.max_sessions,
+            max_new_tokens=min(EngineConfig.max_new_tokens, self.max_reply_tokens),
+            max_reply_tokens=self.max_reply_tokens,
+            final_units=self.final_units,
             default_voice=self.voice,
             context_tokens=self.context_tokens or None,
             kv_budget_bytes=self.kv_budget_mb * 2**20 or None,

@@ -7,12 +7,16 @@ The task group holds:
 - one pump per response, reading the engine's event stream into the `Session`; it never waits on the
   client either (an engine failure in a turn becomes an `error` event for this client only);
 - the send loop, writing the `Outbox` to the socket at the client's pace;
-- the slow-client watch: a client that stays behind for `slow_client_ms` is closed with `SlowClient`.
+- the slow-client watch: a client that stays behind for `slow_client_ms` is closed with `SlowClient`;
+- once the session is open, the session watch: no audio for `idle_timeout_s` ends it (`IdleTimeout`), and
+  so does reaching `max_session_s` (`SessionTooLong`).
 
 Every server event goes `adapter.encode` -> `Outbox.put`, which never waits; `voice_agent.serve.outbox`
 says how the backlog stays bounded (at most twice `send_queue_messages` messages; beyond that the
 client is closed at once). At a cancel the interrupted response's unsent audio and text leave the
-outbox, and the `Session` emits nothing more of it, so no set of cancelled ids is kept.
+outbox (unless it had finished generating: its `response.done`, queued behind them, counts them), and the
+`Session` emits nothing more of it, so no set of cancelled ids is kept. The send loop tells the `Session`
+which reply audio it hands to the socket (`on_audio_sent`), so what the client can have played is known.
 
 Everything about the wire format is the adapter's (`voice_agent.serve.protocols.adapter`): decoding,
 encoding, how the session opens and within what time, where a key may come from besides the Bearer
@@ -26,7 +30,10 @@ no model memory.
 
 Auth (when `api_key` is set): `Authorization: Bearer KEY`, or the adapter's `handshake_key`, on the
 handshake (a wrong one is refused before the upgrade); else `StartSession.key`. Keys are compared in
-constant time.
+constant time. Per peer (`voice_agent.serve.peers.PeerGuard`, shared by the app's connections): failed
+attempts lead to a cool-down, during which the handshake is refused (`AuthCoolDown`), and a peer holding
+`max_connections_per_peer` connections gets no more (`TooManyConnections`, after the upgrade so the
+client learns why).
 """
 
 from __future__ import annotations
@@ -34,19 +41,26 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
 import anyio
 import anyio.abc
+from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from voice_agent.audio import OUTPUT_SAMPLE_RATE
 from voice_agent.engine.api import Engine, EngineEvent, EngineSession, TurnError
 from voice_agent.errors import (
+    AuthCoolDown,
+    IdleTimeout,
     NoStart,
     NotReady,
     ProtocolError,
+    SessionTooLong,
     SlowClient,
+    TooManyConnections,
     TooManyErrors,
     TurnRejected,
     Unauthorized,
@@ -55,11 +69,13 @@ from voice_agent.errors import (
 )
 from voice_agent.serve.config import ServerConfig
 from voice_agent.serve.outbox import Outbox
+from voice_agent.serve.peers import PeerGuard
 from voice_agent.serve.protocols.adapter import WireAdapter
 from voice_agent.serve.protocols.events import (
     AudioFrame,
     ClientEvent,
     ErrorEvent,
+    FieldRejected,
     InterruptRequest,
     PlaybackProgress,
     ResponseAudio,
@@ -81,28 +97,42 @@ MAX_PROTOCOL_ERRORS = 100  # bad messages tolerated on one connection
 class Connection:
     """One WebSocket client: see the module docstring."""
 
-    def __init__(self, ws: WebSocket, adapter: WireAdapter, engine: Engine, config: ServerConfig) -> None:
+    def __init__(self, ws: WebSocket, adapter: WireAdapter, engine: Engine, config: ServerConfig,
+                 peers: PeerGuard | None = None) -> None:
+        """`peers`: the app's per-peer limits (None: this connection's own, so only per connection)."""
         self.ws, self.adapter, self.engine, self.config = ws, adapter, engine, config
+        self.peers = peers if peers is not None else peer_guard(config)
+        self.peer = ws.client.host if ws.client is not None else "unknown"
         self.outbox = Outbox(config.send_queue_messages)
         self.session: Session | None = None
         self.engine_session: EngineSession | None = None
         self._authorized = config.api_key is None
         self._errors = 0
         self._tg: anyio.abc.TaskGroup | None = None
+        self._last_audio = 0.0  # when the session last received audio (monotonic s)
+        self._audio_mark: tuple[str, float] | None = None  # reply audio the next queued message completes
 
     async def run(self) -> Exception | None:
         """Serve the client until it leaves (None) or something ends the connection (that exception)."""
+        refused = self.peers.refused_for(self.peer, time.monotonic())
+        if refused is not None:
+            n, window = self.config.auth_max_failures, self.config.auth_cooldown_s
+            return AuthCoolDown(f"expected fewer than {n} failed API-key attempts from one address within {window} "
+                                f"s, got {n}; try again in {math.ceil(refused)} s", refused)
         if self.config.api_key is not None:
             key = _bearer(self.ws)
             if key is None:
                 key = self.adapter.handshake_key(self.ws.headers, self.ws.query_params)
             if key is not None:
-                if not _key_matches(key, self.config.api_key):
+                if not self._check_key(key):
                     return Unauthorized("expected a valid API key on the handshake, got a wrong one")
-                self._authorized = True
         await self.ws.accept()
         failure: Exception | None = None
+        counted = self.peers.open(self.peer, time.monotonic())
         try:
+            if not counted:
+                raise TooManyConnections(f"expected at most {self.config.max_connections_per_peer} connections "
+                                         "from one address, got one more")
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._send_loop)
@@ -116,15 +146,20 @@ class Connection:
                 if not isinstance(exc, VoiceAgentError):
                     log.error("connection failed", exc_info=exc)
         finally:
+            if counted:
+                self.peers.close(self.peer, time.monotonic())
             await self._release()
         return failure
 
-    async def close(self, code: int, event: ErrorEvent) -> None:
-        """End the connection with close code `code`, telling the client `event` first if it can."""
+    async def close(self, code: int, event: ErrorEvent, refusal: Response | None = None) -> None:
+        """End the connection with close code `code`, telling the client `event` first if it can. Before
+        the upgrade the handshake is refused instead: with `refusal`, else HTTP 403."""
         reason = f"{event.code}: {event.message}".encode()[:CLOSE_REASON_MAX_BYTES].decode(errors="ignore")
         with anyio.move_on_after(CLOSE_TIMEOUT_S):
             try:
-                if self.ws.application_state is WebSocketState.CONNECTING:
+                if self.ws.application_state is WebSocketState.CONNECTING and refusal is not None:
+                    await self.ws.send_denial_response(refusal)
+                elif self.ws.application_state is WebSocketState.CONNECTING:
                     await self.ws.close(code)  # before the upgrade: refused with HTTP 403
                 elif self.ws.application_state is WebSocketState.CONNECTED:
                     for message in self.adapter.encode(event):
@@ -166,12 +201,16 @@ class Connection:
             try:
                 events = self.adapter.decode(data)
             except ProtocolError as e:
-                self._errors += 1
-                if self._errors > MAX_PROTOCOL_ERRORS:
-                    raise TooManyErrors(f"expected at most {MAX_PROTOCOL_ERRORS} bad messages") from None
-                self._send(ErrorEvent(error_code(e), str(e)))
+                self._send(self._client_error(error_code(e), str(e)))
                 continue
             self._apply_events(events, now)
+
+    def _client_error(self, code: str, message: str) -> ErrorEvent:
+        """A client's mistake, counted: too many end the connection."""
+        self._errors += 1
+        if self._errors > MAX_PROTOCOL_ERRORS:
+            raise TooManyErrors(f"expected at most {MAX_PROTOCOL_ERRORS} bad messages")
+        return ErrorEvent(code, message)
 
     def _apply_events(self, events: list[ClientEvent], now: float) -> None:
         for event in events:
@@ -180,8 +219,11 @@ class Connection:
     def _handle(self, event: ClientEvent, now: float) -> list[Output]:
         if isinstance(event, StartSession):
             return self._start(event)
+        if isinstance(event, FieldRejected):
+            return [self._client_error(event.code, event.message)]
         assert self.session is not None, "the adapter lets nothing but the session's opening through first"
         if isinstance(event, AudioFrame):
+            self._last_audio = now
             return self.session.on_audio(event.pcm, now)
         if isinstance(event, PlaybackProgress):
             return self.session.on_playback(event.response_id, event.played_ms, now)
@@ -193,14 +235,16 @@ class Connection:
 
     def _start(self, event: StartSession) -> list[Output]:
         if not self._authorized:
-            if not _key_matches(event.key, self.config.api_key or ""):
+            if event.key is None or not self._check_key(event.key):
                 got = "no key" if event.key is None else "a wrong key"
                 raise Unauthorized(f"expected a valid API key, got {got}")
-            self._authorized = True
         if not self.engine.ready:
             raise NotReady("the model is still loading; expected /readyz to answer 200 before connecting")
         self.engine_session = self.engine.open_session(system_prompt=self.config.system_prompt)
         self.session = Session(self.engine_session.id, event.settings)
+        self._last_audio = time.monotonic()
+        assert self._tg is not None
+        self._tg.start_soon(self._watch_session, self._last_audio)
         info = self.engine.info
         return [SessionStarted(self.engine_session.id, event.sample_rate_hz, event.output_sample_rate_hz,
                                event.frame_ms, info.model_name, info.demo, event.settings)]
@@ -211,7 +255,8 @@ class Connection:
             if isinstance(out, SubmitTurn):
                 self._submit(out)
             elif isinstance(out, CancelTurn):
-                self.outbox.drop(out.response_id)
+                if out.generating:  # else its response.done is queued behind its audio and counts it
+                    self.outbox.drop(out.response_id)
                 if self.engine_session is not None:
                     # Also when generation had finished: the engine then cuts the last reply's history.
                     self.engine_session.cancel(out.played_ms)
@@ -249,23 +294,62 @@ class Connection:
 
     def _send(self, event: ServerEvent) -> None:
         response_id = event.response_id if isinstance(event, (ResponseAudio, ResponseText)) else None
-        for message in self.adapter.encode(event):
-            self.outbox.put(message, response_id)
+        if isinstance(event, ResponseAudio):  # carried by the last message of this event (or the next one)
+            self._audio_mark = (event.response_id, event.start_ms + 1000.0 * len(event.pcm) / OUTPUT_SAMPLE_RATE)
+        messages = self.adapter.encode(event)
+        for i, message in enumerate(messages):
+            mark = self._audio_mark if i == len(messages) - 1 else None
+            self.outbox.put(message, response_id, mark)
+            if mark is not None:
+                self._audio_mark = None
 
     async def _send_loop(self) -> None:
         while True:
-            await self._write(await self.outbox.get())
+            out = await self.outbox.get()
+            if out.audio is not None and self.session is not None:
+                self.session.on_audio_sent(*out.audio, time.monotonic())
+            await self._write(out.data)
 
     async def _watch_client(self) -> None:
         await self.outbox.overdue(self.config.slow_client_ms / 1000.0)
         raise SlowClient(f"expected the client to read its messages, got {len(self.outbox)} unread for "
                          f"{self.config.slow_client_ms} ms")
 
+    async def _watch_session(self, opened: float) -> None:
+        """End a session that received no audio for `idle_timeout_s`, or that lasted `max_session_s` (each
+        0: no such limit)."""
+        idle_s, longest_s = self.config.idle_timeout_s, self.config.max_session_s
+        while idle_s or longest_s:
+            now = time.monotonic()
+            if idle_s and now >= self._last_audio + idle_s:
+                raise IdleTimeout(f"expected audio at least every {idle_s} s, got none for "
+                                  f"{now - self._last_audio:.0f} s")
+            if longest_s and now >= opened + longest_s:
+                raise SessionTooLong(f"expected a session to last at most {longest_s} s, got one that long; "
+                                     "open a new one to go on")
+            deadlines = ([self._last_audio + idle_s] if idle_s else []) + ([opened + longest_s] if longest_s else [])
+            await anyio.sleep(max(0.0, min(deadlines) - now))
+
+    def _check_key(self, key: str) -> bool:
+        """Whether `key` is the API key; a wrong one counts against this peer."""
+        assert self.config.api_key is not None
+        if _key_matches(key, self.config.api_key):
+            self._authorized = True
+            self.peers.auth_succeeded(self.peer)
+            return True
+        self.peers.auth_failed(self.peer, time.monotonic())
+        return False
+
     async def _write(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
             await self.ws.send_bytes(message)
         else:
             await self.ws.send_text(message)
+
+
+def peer_guard(config: ServerConfig) -> PeerGuard:
+    """The per-peer limits `config` asks for (one per app, shared by its connections)."""
+    return PeerGuard(config.max_connections_per_peer, config.auth_max_failures, config.auth_cooldown_s)
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -282,8 +366,8 @@ def _is_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, (WebSocketDisconnect, OSError))
 
 
-def _key_matches(given: str | None, expected: str) -> bool:
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+def _key_matches(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def _bearer(ws: WebSocket) -> str | None:

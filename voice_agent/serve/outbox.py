@@ -15,6 +15,9 @@ Bounds, with `limit` = the server's `send_queue_messages`:
 
 `drop(response_id)` removes the unsent messages of an interrupted response: the client must not hear
 them, and they no longer count against it.
+
+A message may say which reply audio it completes (`Outgoing.audio`: the response and the end of its
+audio in ms); `get` hands it over with that, so the sender knows what audio has gone out.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ OVERFLOW = 2  # the backlog may reach this many times `limit` while the client i
 
 
 @dataclass(frozen=True)
-class _Message:
+class Outgoing:
     data: str | bytes
-    response_id: str | None  # the response this message is part of, if `drop` may remove it
+    response_id: str | None = None  # the response this message is part of, if `drop` may remove it
+    audio: tuple[str, float] | None = None  # (response id, end ms): reply audio sent once this is
 
 
 class Outbox:
@@ -46,21 +50,21 @@ class Outbox:
         self.limit = limit
         self.capacity = OVERFLOW * limit
         self.behind_since: float | None = None
-        self._items: deque[_Message] = deque()
+        self._items: deque[Outgoing] = deque()
         self._ready = asyncio.Event()  # set while there is something to send
         self._behind = asyncio.Event()  # set while behind_since is not None
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, data: str | bytes, response_id: str | None = None) -> None:
-        """Queue one message; raises SlowClient when the backlog is already at capacity."""
+    def put(self, data: str | bytes, response_id: str | None = None, audio: tuple[str, float] | None = None) -> None:
+        """Queue one message (see `Outgoing`); raises SlowClient when the backlog is already at capacity."""
         if len(self._items) >= self.capacity:
             raise SlowClient(
                 f"expected the client to read its messages, got {len(self._items)} unread "
                 f"(at most {self.capacity} are kept)"
             )
-        self._items.append(_Message(data, response_id))
+        self._items.append(Outgoing(data, response_id, audio))
         self._ready.set()
         self._settle()
 
@@ -69,14 +73,14 @@ class Outbox:
         self._items = deque(m for m in self._items if m.response_id != response_id)
         self._settle()
 
-    async def get(self) -> str | bytes:
+    async def get(self) -> Outgoing:
         """The oldest unsent message, waiting for one if there is none."""
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
         message = self._items.popleft()
         self._settle()
-        return message.data
+        return message
 
     async def overdue(self, patience_s: float) -> None:
         """Return once the client has been behind for `patience_s` without a break."""

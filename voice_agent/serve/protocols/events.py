@@ -73,7 +73,17 @@ class UpdateSettings:
     settings: SessionSettings
 
 
-ClientEvent = StartSession | AudioFrame | PlaybackProgress | InterruptRequest | UpdateSettings
+@dataclass(frozen=True)
+class FieldRejected:
+    """A field the adapter could not use in a message whose other events it still returned (e.g. a bad
+    `played_ms` on a stop request, which must stop anyway): reported to the client as a non-fatal error
+    with `code` and counted as a bad message."""
+
+    code: str
+    message: str
+
+
+ClientEvent = StartSession | AudioFrame | PlaybackProgress | InterruptRequest | UpdateSettings | FieldRejected
 
 
 # ---- server -> client ------------------------------------------------------------------------------
@@ -105,12 +115,15 @@ class SpeechStarted:
 @dataclass(frozen=True)
 class SpeechStopped:
     """User speech ended at `at_ms` (end of the last voiced frame). `turn` is False when the speech
-    was too short to interrupt a response and was ignored (a cough, "mhm")."""
+    was too short to interrupt a response and was ignored (a cough, "mhm"). A turn names the response
+    that answers it (`response_id`); an utterance that joined a turn still waiting for its response
+    names that same response."""
 
     at_ms: float
     duration_ms: float
     turn: bool
     reason: Literal["silence", "max_length"] = "silence"
+    response_id: str | None = None
 
 
 @dataclass(frozen=True)

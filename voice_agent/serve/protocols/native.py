@@ -11,12 +11,16 @@ come within START_TIMEOUT_S; a key may come in `start` (never in the URL, to kee
 Settings on the wire (`settings_json`, and `_settings` reading `start` / `update`): {"vad": {every
 VadSettings field, plus min_interruption_ms}, "voice", "temperature", "max_new_tokens", "seed"}. What
 `session.started` / `session.updated` echo is accepted unchanged by `update` and gives the same settings.
-`vad.kind` is the server's choice (`--vad`): accepted when equal to it, refused otherwise.
+`vad.kind` is the server's choice (`--vad`): accepted when equal to it, refused otherwise. The turn options
+are checked against the engine (`EngineInfo.check_turn`: a voice it knows, a reply no longer than its
+limit) when they are chosen, so a turn never fails on them later.
 `vad.silero_threshold` is a per-session option like the others; it is used only when the server's
 detector is silero, as `aggressiveness` and `frame_ms` are used only by webrtcvad.
 
 Wire format (full description and an example exchange: docs/protocol.md):
-- client text: {"type": "start" | "update" | "playback" | "interrupt", ...}; `start` first, exactly once
+- client text: {"type": "start" | "update" | "playback" | "interrupt", ...}; `start` first, exactly once.
+  An `interrupt` whose `played_ms` is unusable still stops the reply (as one without it) and the field is
+  reported as `bad_field`: a stop request is never lost to a typo.
 - client binary: PCM16 little-endian mono at the start message's `sample_rate`, at most
   MAX_FRAMES_PER_MESSAGE frames of `frame_ms` per message
 - server text: {"type": "session.started" | "session.updated" | "speech.started" | "speech.stopped" |
@@ -43,6 +47,7 @@ from voice_agent.audio import (
     float_to_pcm16,
     pcm16_to_float,
 )
+from voice_agent.engine.api import EngineInfo
 from voice_agent.errors import ProtocolError, VoiceAgentError
 from voice_agent.serve.protocols.events import (
     BAD_AUDIO,
@@ -56,6 +61,7 @@ from voice_agent.serve.protocols.events import (
     AudioFrame,
     ClientEvent,
     ErrorEvent,
+    FieldRejected,
     Interrupted,
     InterruptRequest,
     PlaybackProgress,
@@ -99,8 +105,10 @@ class WireState(Enum):
 class NativeProtocol:
     """Wire state and translation for one connection; see the module docstring."""
 
-    def __init__(self, defaults: SessionSettings) -> None:
+    def __init__(self, defaults: SessionSettings, engine: EngineInfo | None = None) -> None:
+        """`engine`: what the engine serves, to check the turn options against (None: not checked)."""
         self.defaults = defaults
+        self.engine = engine
         self.state = WireState.AWAITING_START
         self.settings = defaults
         self.sample_rate_hz = INPUT_SAMPLE_RATE
@@ -151,7 +159,12 @@ class NativeProtocol:
             rid = _field(obj, "response_id", str, "a string")
             return [PlaybackProgress(rid, _ms(obj, "played_ms"))]
         _only(obj, ("type", "played_ms"))
-        return [InterruptRequest(None if obj.get("played_ms") is None else _ms(obj, "played_ms"))]
+        if obj.get("played_ms") is None:
+            return [InterruptRequest(None)]
+        try:
+            return [InterruptRequest(_ms(obj, "played_ms"))]
+        except ProtocolError as e:  # stop anyway, estimating what was played, and report the field
+            return [InterruptRequest(None), FieldRejected(e.code, str(e))]
 
     def _decode_start(self, obj: dict[str, Any]) -> StartSession:
         if self.state is WireState.OPEN:
@@ -196,14 +209,17 @@ class NativeProtocol:
             if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
                 raise ProtocolError(BAD_FIELD, f"{name}: expected {expected}, got {value!r}")
         try:
-            return dataclasses.replace(
+            settings = dataclasses.replace(
                 base,
                 vad=dataclasses.replace(base.vad, **vad_changes),
                 turn=dataclasses.replace(base.turn, **turn_changes),
                 min_interruption_ms=vad.get("min_interruption_ms", base.min_interruption_ms),
             )
+            if self.engine is not None:
+                self.engine.check_turn(settings.turn)
         except (VoiceAgentError, ValueError, TypeError) as e:
             raise ProtocolError(BAD_FIELD, str(e)) from None
+        return settings
 
     def _decode_audio(self, data: bytes) -> list[ClientEvent]:
         if self.state is not WireState.OPEN:
@@ -268,7 +284,7 @@ def _wire(event: ServerEvent) -> dict[str, Any]:
         return {"type": "speech.started", "at_ms": event.at_ms}
     if isinstance(event, SpeechStopped):
         return {"type": "speech.stopped", "at_ms": event.at_ms, "duration_ms": event.duration_ms,
-                "turn": event.turn, "reason": event.reason}
+                "turn": event.turn, "reason": event.reason, "response_id": event.response_id}
     if isinstance(event, ResponseStarted):
         return {"type": "response.started", "response_id": event.response_id}
     if isinstance(event, ResponseText):
