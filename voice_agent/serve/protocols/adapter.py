@@ -7,7 +7,10 @@ connection, so it may keep that connection's wire state (rates, resamplers, whet
 
 Its parts:
 - translation: `decode(message) -> list[ClientEvent]` (raising `ProtocolError` with a stable code for a
-  bad message; the connection reports it and goes on) and `encode(event) -> list[message]`;
+  bad message; the connection reports it and goes on; a message that is usable in part gives its events
+  and a `FieldRejected` for the part, e.g. a stop request with a bad position still stops) and
+  `encode(event) -> list[message]`. Settings a client chooses are checked against the engine
+  (`EngineInfo.check_turn`) as they are decoded, so a refused `update` leaves the adapter's state as it was;
 - opening: a session opens with a `StartSession` event. A format with an opening message decodes it from
   that message and returns [] from `on_accept`; a format whose session opens with the connection returns
   its `StartSession` from `on_accept`. Either way the connection ends with `NoStart` when no
