@@ -5,7 +5,8 @@ connecting (model, demo flag, voices, the longest reply a client may ask for, de
 native wire form, whether a key is required), `/healthz` (the process is up), `/readyz` (200 once the
 engine has loaded and warmed its model, else 503), `/ws` the native protocol (docs/protocol.md): a `Connection`
 (`voice_agent.serve.connection`) with a `NativeProtocol` adapter. Another wire format is another route
-with another adapter.
+with another adapter. `/metrics` (voice_agent.serve.metrics): Prometheus metrics, behind the API key
+when one is set, or on `metrics_port` instead.
 
 `close_for` is the one place that maps an exception that ends a connection to a close code and the
 fatal error event the client gets before it (`refusal_for`: the HTTP answer when it ends before the
@@ -21,6 +22,7 @@ logs a traceback for it; `ClientFaultFilter` turns that into one throttled warni
 from __future__ import annotations
 
 import logging
+import logging.config
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -52,6 +54,8 @@ from voice_agent.errors import (
 from voice_agent.serve.config import ServerConfig
 from voice_agent.serve.connection import Connection, peer_guard
 from voice_agent.serve.peers import Throttle
+from voice_agent.serve.logs import logging_config
+from voice_agent.serve.metrics import Metrics, metrics_endpoint, serve_metrics
 from voice_agent.serve.protocols.events import ErrorEvent
 from voice_agent.serve.protocols.native import NativeProtocol, settings_json
 from voice_agent.serve.vad import make_classifier
@@ -140,6 +144,7 @@ def build_app(config: ServerConfig, engine: Engine) -> Starlette:
     static_dir = Path(config.static_dir) if config.static_dir else DEFAULT_STATIC_DIR
     defaults = config.session_defaults()
     peers = peer_guard(config)
+    metrics = Metrics(engine)
 
     async def page(request: Request) -> Response:
         return FileResponse(static_dir / "index.html", headers={"Cache-Control": "no-cache"})
@@ -161,7 +166,8 @@ def build_app(config: ServerConfig, engine: Engine) -> Starlette:
         return JSONResponse({"status": "ready" if ready else "loading"}, status_code=200 if ready else 503)
 
     async def websocket(ws: WebSocket) -> None:
-        connection = Connection(ws, NativeProtocol(defaults, engine.info), engine, config, peers=peers)
+        connection = Connection(ws, NativeProtocol(defaults, engine.info), engine, config,
+                                monitor=metrics.monitor(ws), peers=peers)
         failure = await connection.run()
         if failure is not None:
             await connection.close(*close_for(failure), refusal=refusal_for(failure))
@@ -173,13 +179,16 @@ def build_app(config: ServerConfig, engine: Engine) -> Starlette:
         if start is not None:
             await start()
         try:
+        stop_metrics = serve_metrics(metrics, config.host, config.metrics_port) if config.metrics_port else None
             yield
         finally:
             stop: Any = getattr(engine, "aclose", None)
+            if stop_metrics is not None:
+                stop_metrics()
             if stop is not None:
                 await stop()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", page),
             Route("/api/info", info),
@@ -187,10 +196,12 @@ def build_app(config: ServerConfig, engine: Engine) -> Starlette:
             Route("/readyz", readyz),
             WebSocketRoute("/ws", websocket),
             Mount("/static", StaticFiles(directory=static_dir), name="static"),
-        ],
+        ] + ([] if config.metrics_port else [Route("/metrics", metrics_endpoint(metrics, config.api_key))]),
         lifespan=lifespan,
     )
 
+    app.state.metrics = metrics
+    return app
 
 def demo_banner(engine: Engine) -> str | None:
     """The console warning when the engine runs the embedded random-weight model, else None."""
@@ -209,7 +220,8 @@ def run_server(config: ServerConfig) -> None:
 
     from voice_agent.engine.build import build_engine
 
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    log_config = logging_config(config)
+    logging.config.dictConfig(log_config)
     make_classifier(config.session_defaults().vad)  # a missing VAD backend fails now, not per connection
     engine = build_engine(*config.engine_options())
     banner = demo_banner(engine)
@@ -218,7 +230,8 @@ def run_server(config: ServerConfig) -> None:
     i = engine.info
     print(f"voice-agent: {i.model_name} on {i.device} ({i.dtype}); page at "
           f"http://{config.host}:{config.port}/ (auth {'on' if config.api_key else 'off'})", flush=True)
-    uvicorn.run(build_app(config, engine), host=config.host, port=config.port, **uvicorn_options(config))
+    uvicorn.run(build_app(config, engine), host=config.host, port=config.port, log_config=log_config,
+                **uvicorn_options(config))
 
 
 def uvicorn_options(config: ServerConfig) -> dict[str, Any]:

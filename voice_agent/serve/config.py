@@ -99,6 +99,10 @@ class ServerConfig:
     slow_client_ms: int = _opt(2000, "a client that stays behind this long is closed (ms)", int)
     static_dir: str | None = _opt(None, "directory of the bundled page (default: the package's static/)")
     log_level: str = _opt("info", "log level", choices=("critical", "error", "warning", "info", "debug"))
+    log_format: str = _opt("text", "log lines as 'text' or 'json' (one object per line, uvicorn's too)",
+                           choices=("text", "json"))
+    metrics_port: int = _opt(0, "serve Prometheus /metrics on this port, without the API key, and not on the "
+                                "main port (0: on the main port, behind --api-key when one is set)", int)
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str) -> None:
@@ -114,6 +118,8 @@ class ServerConfig:
             elif value is not None:
                 need(isinstance(value, str), f.name, "a string")
         need(0 <= self.port <= 65535, "port", "a port number 0..65535")
+        need(0 <= self.metrics_port <= 65535 and (self.metrics_port == 0 or self.metrics_port != self.port),
+             "metrics_port", "0 or a port number 1..65535 other than --port")
         need(1 <= self.max_sessions <= 4096, "max_sessions", "an integer 1..4096")
         need(self.context_tokens == 0 or 512 <= self.context_tokens <= 131_072, "context_tokens",
              "0 or an integer 512..131072")

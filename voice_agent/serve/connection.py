@@ -28,6 +28,9 @@ maps it to a close code (`voice_agent.serve.app.close_for`, the one place that d
 message, then the close frame. The engine session is given back first, so a client slow to close holds
 no model memory.
 
+Watching: a `ConnectionMonitor` (`voice_agent.serve.metrics`; one that only logs unless given one with
+metrics) hears of the session's opening, each turn submitted, each server event sent, and the close.
+
 Auth (when `api_key` is set): `Authorization: Bearer KEY`, or the adapter's `handshake_key`, on the
 handshake (a wrong one is refused before the upgrade); else `StartSession.key`. Keys are compared in
 constant time. Per peer (`voice_agent.serve.peers.PeerGuard`, shared by the app's connections): failed
@@ -68,6 +71,7 @@ from voice_agent.errors import (
     error_code,
 )
 from voice_agent.serve.config import ServerConfig
+from voice_agent.serve.metrics import ConnectionMonitor
 from voice_agent.serve.outbox import Outbox
 from voice_agent.serve.peers import PeerGuard
 from voice_agent.serve.protocols.adapter import WireAdapter
@@ -98,12 +102,14 @@ class Connection:
     """One WebSocket client: see the module docstring."""
 
     def __init__(self, ws: WebSocket, adapter: WireAdapter, engine: Engine, config: ServerConfig,
-                 peers: PeerGuard | None = None) -> None:
+                 monitor: ConnectionMonitor | None = None, peers: PeerGuard | None = None) -> None:
         """`peers`: the app's per-peer limits (None: this connection's own, so only per connection)."""
         self.ws, self.adapter, self.engine, self.config = ws, adapter, engine, config
         self.peers = peers if peers is not None else peer_guard(config)
         self.peer = ws.client.host if ws.client is not None else "unknown"
         self.outbox = Outbox(config.send_queue_messages)
+        self.monitor = monitor if monitor is not None else ConnectionMonitor.of(ws)
+        self.monitor.watch(self.outbox)
         self.session: Session | None = None
         self.engine_session: EngineSession | None = None
         self._authorized = config.api_key is None
@@ -149,11 +155,14 @@ class Connection:
             if counted:
                 self.peers.close(self.peer, time.monotonic())
             await self._release()
+            if failure is None:
+                self.monitor.ended()  # else when close() has run
         return failure
 
     async def close(self, code: int, event: ErrorEvent, refusal: Response | None = None) -> None:
         """End the connection with close code `code`, telling the client `event` first if it can. Before
         the upgrade the handshake is refused instead: with `refusal`, else HTTP 403."""
+        self.monitor.closing(code, event)
         reason = f"{event.code}: {event.message}".encode()[:CLOSE_REASON_MAX_BYTES].decode(errors="ignore")
         with anyio.move_on_after(CLOSE_TIMEOUT_S):
             try:
@@ -167,6 +176,7 @@ class Connection:
                     await self.ws.close(code, reason)
             except (WebSocketDisconnect, OSError, RuntimeError):
                 pass
+        self.monitor.ended()
 
     async def _release(self) -> None:
         """Give the engine session back (the connection is ending)."""
@@ -194,6 +204,7 @@ class Connection:
             else:
                 message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
+                self.monitor.left(message.get("code"))
                 return
             now = time.monotonic()
             raw = message.get("bytes")
@@ -245,6 +256,7 @@ class Connection:
         self._last_audio = time.monotonic()
         assert self._tg is not None
         self._tg.start_soon(self._watch_session, self._last_audio)
+        self.monitor.opened(self.engine_session.id)
         info = self.engine.info
         return [SessionStarted(self.engine_session.id, event.sample_rate_hz, event.output_sample_rate_hz,
                                event.frame_ms, info.model_name, info.demo, event.settings)]
@@ -265,6 +277,7 @@ class Connection:
 
     def _submit(self, cmd: SubmitTurn) -> None:
         assert self.engine_session is not None and self.session is not None and self._tg is not None
+        self.monitor.submitted(cmd.response_id, cmd.speech_end)
         try:
             stream = self.engine_session.submit_turn(cmd.audio, cmd.settings, speech_end=cmd.speech_end)
         except TurnRejected as e:
@@ -293,6 +306,7 @@ class Connection:
     # ---- send side -------------------------------------------------------------------------------
 
     def _send(self, event: ServerEvent) -> None:
+        self.monitor.sent(event, time.monotonic())
         response_id = event.response_id if isinstance(event, (ResponseAudio, ResponseText)) else None
         if isinstance(event, ResponseAudio):  # carried by the last message of this event (or the next one)
             self._audio_mark = (event.response_id, event.start_ms + 1000.0 * len(event.pcm) / OUTPUT_SAMPLE_RATE)
