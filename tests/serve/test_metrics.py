@@ -261,3 +261,16 @@ def test_underruns_are_estimated_from_chunk_arrival_against_real_time_playback()
     assert samples.value("voice_agent_playback_underruns_total") == 1
     assert samples.value("voice_agent_playback_underrun_seconds_total") == pytest.approx(0.2)
     assert samples.value("voice_agent_outbox_messages") == 0
+
+
+def test_engine_stats_become_gauges_at_scrape_time() -> None:
+    engine = FakeEngine()
+    stats = {"sessions": 2, "max_sessions": 4, "commands": 3, "cache_bytes": 2000, "cache_bytes_per_session": 1000,
+             "cuda_allocated_bytes": 123, "cuda_reserved_bytes": None}
+    engine.stats = lambda: stats  # type: ignore[attr-defined]
+    samples = Samples(Metrics(engine).render().decode())
+    assert samples.value("voice_agent_engine_sessions") == 2 and samples.value("voice_agent_engine_session_slots") == 4
+    assert samples.value("voice_agent_engine_commands_queued") == 3
+    assert samples.value("voice_agent_engine_cache_bytes") == 2000
+    assert samples.value("voice_agent_cuda_memory_allocated_bytes") == 123
+    assert not samples.has("voice_agent_cuda_memory_reserved_bytes")  # None: not reported
