@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from voice_agent.audio import MAX_INPUT_SECONDS, MAX_TURN_MS
 from voice_agent.engine.thread import check_turn_audio
 from voice_agent.errors import ConfigError
-from voice_agent.serve.app import build_app, uvicorn_options
+from voice_agent.serve.app import DOWNLOAD_COMMAND, build_app, uvicorn_options
 from voice_agent.serve.config import ServerConfig
 
 KEY = "s3cret-key"
@@ -136,7 +136,7 @@ async def test_http_routes() -> None:
         assert (await http.get("/healthz")).json() == {"status": "ok"}
         assert (await http.get("/readyz")).status_code == 200
         info = (await http.get("/api/info")).json()
-        assert info["demo"] is True and info["download_command"] == "voice-agent download"
+        assert info["demo"] is True and info["download_command"] == DOWNLOAD_COMMAND
         assert info["auth_required"] is False and info["settings"]["vad"]["silence_ms"] == 500
         assert info["voices"] == ["en", "alt", "fake-crash", "fake-error"] and info["max_new_tokens"] == 512
         page = await http.get("/")

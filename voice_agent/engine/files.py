@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from voice_agent.errors import CheckpointError, VoiceAgentError
 log = logging.getLogger(__name__)
 
 MODELS_DIR = "models"  # where `voice-agent download` puts the weights, relative to the working directory
+COMMAND = "voice-agent"  # the console script pyproject.toml installs beside the interpreter
 DEMO_SEED = 0
 DEMO_FORMAT = 2  # bump when what make_tiny writes for the demo changes: the cache key holds it
 
@@ -27,6 +30,28 @@ def demo_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "voice-agent"
     )
     return Path(root) / f"demo-tiny-v{__version__}-format{DEMO_FORMAT}-seed{DEMO_SEED}"
+
+
+def download_command(cwd: Path | None = None) -> str:
+    """A `voice-agent download` command line to paste into a shell in `cwd` (the server's working directory,
+    where the weights must land: models/ there is where the server looks).
+
+    The script is the `voice-agent` beside the running interpreter, however the server was started:
+    plain `voice-agent` when PATH finds that same script (an activated venv); relative to `cwd` when it lies
+    under it (`.venv/bin/voice-agent download` after the README's install: pasted in another directory it
+    fails instead of downloading where the server does not look); else its absolute path. Without that
+    script (the package run from a source tree), the interpreter with `-m voice_agent.cli`.
+    """
+    cwd = (cwd or Path.cwd()).resolve()
+    bin_dir = Path(os.path.abspath(sys.executable)).parent.resolve()  # the venv's python itself is a link
+    script = bin_dir / COMMAND
+    if not script.is_file():
+        return f"{shlex.quote(os.path.abspath(sys.executable))} -m voice_agent.cli download"
+    found = shutil.which(COMMAND)
+    if found is not None and Path(found).resolve() == script.resolve():
+        return f"{COMMAND} download"
+    shown = str(script.relative_to(cwd)) if script.is_relative_to(cwd) else str(script)
+    return f"{shlex.quote(shown)} download"
 
 
 def ensure_demo_model(root: Path | None = None) -> Path:

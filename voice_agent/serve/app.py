@@ -37,6 +37,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from voice_agent.engine.api import Engine
+from voice_agent.engine.files import download_command
 from voice_agent.errors import (
     AdmissionError,
     AuthCoolDown,
@@ -60,7 +61,7 @@ from voice_agent.serve.protocols.events import ErrorEvent
 from voice_agent.serve.protocols.native import NativeProtocol, settings_json
 from voice_agent.serve.vad import make_classifier
 
-DOWNLOAD_COMMAND = "voice-agent download"
+DOWNLOAD_COMMAND = download_command()  # pasteable in the server's working directory (engine/files.py)
 DEFAULT_STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
 WS_MAX_MESSAGE_BYTES = 1 << 20  # uvicorn refuses (1009) larger WebSocket messages before we see them
 WS_PING_INTERVAL_S = 20.0  # uvicorn pings every client this often (its default, stated here)
@@ -208,9 +209,10 @@ def demo_banner(engine: Engine) -> str | None:
     if not engine.info.demo:
         return None
     return (
-        "No model weights found: running the embedded tiny random-weight DEMO model "
-        f"({engine.info.model_name}); its replies are noise.\n"
-        f"Download real weights with: {DOWNLOAD_COMMAND}"
+        "No model weights found in models/: running the embedded tiny random-weight DEMO model "
+        f"({engine.info.model_name}),\nwhich answers everything with one short sentence and a soft hiss.\n"
+        f"Download real weights into models/ by running, in this directory:\n    {DOWNLOAD_COMMAND}\n"
+        "then restart the server."
     )
 
 
