@@ -99,7 +99,8 @@ class Metrics:
                                       buckets=STEP_BUCKETS_S, registry=r)
         self.step_rows = Histogram("voice_agent_engine_step_rows", "Rows (turns) per batched call, by stage",
                                    ["stage"], buckets=ROW_BUCKETS, registry=r)
-        self._stage_rows = {stage: self.step_rows.labels(stage) for stage in STAGES}
+        for stage in STAGES:  # listed from the start, at zero
+            self.step_rows.labels(stage)
         r.register(_ScrapeTime(self))
         if hasattr(engine, "on_step"):
             engine.on_step = self.stepped
@@ -109,8 +110,7 @@ class Metrics:
         self.step_seconds.observe(seconds)
         for stage, n in rows.items():
             if n:
-                child = self._stage_rows.get(stage)
-                (child if child is not None else self.step_rows.labels(stage)).observe(n)
+                self.step_rows.labels(stage).observe(n)
 
     def monitor(self, conn: HTTPConnection) -> ConnectionMonitor:
         """The watch of one new WebSocket."""
