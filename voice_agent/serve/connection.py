@@ -355,10 +355,15 @@ class Connection:
         return False
 
     async def _write(self, message: str | bytes) -> None:
-        if isinstance(message, bytes):
-            await self.ws.send_bytes(message)
-        else:
-            await self.ws.send_text(message)
+        """Send one message. A socket already closed under us (uvicorn answers a client's bad frame or
+        close frame itself, and then refuses sends with RuntimeError) is a disconnect, not a fault."""
+        try:
+            if isinstance(message, bytes):
+                await self.ws.send_bytes(message)
+            else:
+                await self.ws.send_text(message)
+        except RuntimeError as e:
+            raise WebSocketDisconnect(CLOSED_UNDER_US, f"the socket closed before a send: {e}") from None
 
 
 def peer_guard(config: ServerConfig) -> PeerGuard:
@@ -374,6 +379,9 @@ def _leaf(exc: BaseException) -> BaseException:
     leaves = [_leaf(e) for e in inner]
     real = [e for e in leaves if not isinstance(e, asyncio.CancelledError)]
     return (real or leaves)[0]
+
+
+CLOSED_UNDER_US = 1006  # the code a socket closed without our close frame reports (RFC 6455)
 
 
 def _is_disconnect(exc: BaseException) -> bool:
