@@ -142,7 +142,11 @@ async def test_serve_with_json_logs_writes_one_object_per_line_and_no_key(tmp_pa
             assert (await until(ws, "error"))["code"] == "unknown_type"
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
     assert KEY not in out + err and WRONG not in out + err
     logs = [json.loads(line) for line in err.splitlines() if line.strip()]
     assert all({"time", "level", "logger", "message"} <= set(o) for o in logs)
