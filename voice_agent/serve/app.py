@@ -54,9 +54,9 @@ from voice_agent.errors import (
 )
 from voice_agent.serve.config import ServerConfig
 from voice_agent.serve.connection import Connection, peer_guard
-from voice_agent.serve.peers import Throttle
 from voice_agent.serve.logs import logging_config
 from voice_agent.serve.metrics import Metrics, metrics_endpoint, serve_metrics
+from voice_agent.serve.peers import Throttle
 from voice_agent.serve.protocols.events import ErrorEvent
 from voice_agent.serve.protocols.native import NativeProtocol, settings_json
 from voice_agent.serve.vad import make_classifier
@@ -144,8 +144,8 @@ def build_app(config: ServerConfig, engine: Engine) -> Starlette:
     at startup / shutdown."""
     static_dir = Path(config.static_dir) if config.static_dir else DEFAULT_STATIC_DIR
     defaults = config.session_defaults()
-    peers = peer_guard(config)
     metrics = Metrics(engine)
+    peers = peer_guard(config)
 
     async def page(request: Request) -> Response:
         return FileResponse(static_dir / "index.html", headers={"Cache-Control": "no-cache"})
@@ -179,13 +179,13 @@ def build_app(config: ServerConfig, engine: Engine) -> Starlette:
         start: Any = getattr(engine, "start", None)
         if start is not None:
             await start()
-        try:
         stop_metrics = serve_metrics(metrics, config.host, config.metrics_port) if config.metrics_port else None
+        try:
             yield
         finally:
-            stop: Any = getattr(engine, "aclose", None)
             if stop_metrics is not None:
                 stop_metrics()
+            stop: Any = getattr(engine, "aclose", None)
             if stop is not None:
                 await stop()
 
@@ -200,9 +200,9 @@ def build_app(config: ServerConfig, engine: Engine) -> Starlette:
         ] + ([] if config.metrics_port else [Route("/metrics", metrics_endpoint(metrics, config.api_key))]),
         lifespan=lifespan,
     )
-
     app.state.metrics = metrics
     return app
+
 
 def demo_banner(engine: Engine) -> str | None:
     """The console warning when the engine runs the embedded random-weight model, else None."""

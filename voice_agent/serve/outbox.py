@@ -87,7 +87,8 @@ class Outbox:
         while True:
             await self._behind.wait()
             since = self.behind_since
-            assert since is not None, "the behind event is set only while behind_since is"
+            if since is None:  # caught up again between the event and this task's turn to run
+                continue
             await anyio.sleep(since + patience_s - time.monotonic())
             if self.behind_since == since:
                 return
