@@ -22,7 +22,7 @@ from fakes import FakeEngine, silence, tone
 from websockets.asyncio.client import ClientConnection, connect
 
 from voice_agent.audio import MAX_INPUT_SECONDS, MAX_TURN_MS
-from voice_agent.engine.thread import check_turn_audio
+from voice_agent.engine.sessions import check_turn_audio
 from voice_agent.errors import ConfigError
 from voice_agent.serve.app import DOWNLOAD_COMMAND, build_app, uvicorn_options
 from voice_agent.serve.config import ServerConfig

@@ -16,7 +16,7 @@ import pytest
 from fakes import FakeEnergyClassifier, silence, tone
 
 from voice_agent.audio import INPUT_SAMPLE_RATE, INPUT_SAMPLES_PER_MS, MAX_INPUT_SAMPLES, MAX_TURN_MS
-from voice_agent.engine.thread import check_turn_audio
+from voice_agent.engine.sessions import check_turn_audio
 from voice_agent.errors import VadSettingsError, VadUnavailable
 from voice_agent.serve.vad import (
     SILERO_FRAME_SAMPLES,

@@ -245,6 +245,20 @@ class Conversation:
         self.kv_len = min(self.kv_len, self.length)
 
 
+def flatten_items(items: Sequence[list[int] | Speech], speech_token: int) -> tuple[list[int], list[Any]]:
+    """Prompt items -> token ids, with `speech_token` where each speech segment goes, and the segments'
+    features in order (what the model's prompt embedding takes)."""
+    ids: list[int] = []
+    speech: list[Any] = []
+    for item in items:
+        if isinstance(item, Speech):
+            ids.append(speech_token)
+            speech.append(item.features)
+        else:
+            ids += item
+    return ids, speech
+
+
 def heard_tokens(played_ms: float, reads: Sequence[tuple[int, int]], unit_blocks: Sequence[int],
                  text_tokens: int, finished: bool) -> int:
     """Text tokens the listener heard after `played_ms` of a reply's audio.

@@ -4,9 +4,8 @@ One thread (the model thread) owns the model, the KV caches and every session's 
 else touches them. It also loads the model: on a CPU, torch ops run from a second thread make OpenMP
 throttle its spinning, and batch-1 steps then run about 3x slower (measured), so keep other torch work
 (a torch VAD, say) out of the process's other threads or give them one thread. Sessions live on the
-asyncio side (`LocalSession`, the `EngineSession` of api.py): their calls only post commands to the
-model thread and never block the loop, and each turn's events come back through
-`loop.call_soon_threadsafe` into that turn's queue, read as an async iterator.
+asyncio side (`LocalSession` in sessions.py, the `EngineSession` of api.py): their calls only post commands to
+the model thread and never block the loop.
 
 The model thread loops: apply the posted commands (open, submit, cancel, close), then one step,
 schedule -> run -> postprocess (scheduler.py has the policy):
@@ -50,155 +49,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
-
-from voice_agent.audio import INPUT_SAMPLE_RATE, MAX_INPUT_SAMPLES, MAX_INPUT_SECONDS
-from voice_agent.engine.api import EngineEvent, EngineInfo, ResponseDone, TurnError, TurnSettings, TurnTimings
+from voice_agent.engine.api import EngineInfo, TurnError, TurnSettings, TurnTimings
 from voice_agent.engine.config import EngineConfig, Models
 from voice_agent.engine.files import directory_voices
 from voice_agent.engine.scheduler import SlotPool, slots_for_budget
+from voice_agent.engine.sessions import Cancel, Close, LocalSession, Open, Stop, Submit
 from voice_agent.errors import AdmissionError, TurnRejected, error_code
 
 log = logging.getLogger(__name__)
 
 RECENT_TURNS = 1024  # timings kept for metrics
-
-
-# ---------------------------------------------------------------- commands to the model thread
-@dataclass(frozen=True)
-class _Open:
-    session: LocalSession
-    system_prompt: str | None
-
-
-@dataclass(frozen=True)
-class _Submit:
-    session: LocalSession
-    audio: np.ndarray
-    settings: TurnSettings
-    timings: TurnTimings
-    forced: Any | None  # voice_agent.engine.reply.ForcedLength
-    emit: Callable[[EngineEvent], None]
-
-
-@dataclass(frozen=True)
-class _Cancel:
-    session: LocalSession
-    played_ms: float | None
-
-
-@dataclass(frozen=True)
-class _Close:
-    session: LocalSession
-    closed: Callable[[], None]
-
-
-class _Stop:
-    pass
-
-
-_TERMINAL = (ResponseDone, TurnError)
-
-
-class TurnStream:
-    """The events of one turn as an async iterator; it ends after ResponseDone or TurnError."""
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        self._ended = False
-
-    def __aiter__(self) -> TurnStream:
-        return self
-
-    async def __anext__(self) -> EngineEvent:
-        if self._ended:
-            raise StopAsyncIteration
-        event = await self._queue.get()
-        if isinstance(event, _TERMINAL):
-            self._ended = True
-        return event
-
-
-class LocalSession:
-    """One conversation on an `Engine` (implements events.EngineSession)."""
-
-    def __init__(self, engine: Engine, session_id: str, slot: int):
-        self.id = session_id
-        self.slot = slot
-        self._engine = engine
-        self._running = False
-        self._closed = False
-
-    def submit_turn(self, audio: np.ndarray, settings: TurnSettings, *, speech_end: float | None = None,
-                    forced: Any | None = None) -> TurnStream:
-        """Start a turn on 16 kHz float32 mono speech. `forced` (a ForcedLength) is for benchmarks."""
-        if self._closed:
-            raise TurnRejected(f"session {self.id} is closed")
-        if self._running:
-            raise TurnRejected(f"session {self.id}: a turn is already running; cancel it or wait for its end")
-        pcm = check_turn_audio(audio)
-        self._engine.check_settings(settings, forced)
-        loop = asyncio.get_running_loop()
-        stream = TurnStream()
-        now = time.monotonic()
-        timings = TurnTimings(speech_end=now if speech_end is None else speech_end, submitted=now)
-
-        def deliver(event: EngineEvent) -> None:  # on the loop
-            if isinstance(event, _TERMINAL):
-                self._running = False
-            stream._queue.put_nowait(event)
-
-        def emit(event: EngineEvent) -> None:  # on the model thread
-            try:
-                loop.call_soon_threadsafe(deliver, event)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
-        self._running = True
-        self._engine.post(_Submit(self, pcm, settings, timings, forced, emit))
-        return stream
-
-    def cancel(self, played_ms: float | None = None) -> None:
-        if played_ms is not None and not (isinstance(played_ms, (int, float)) and played_ms >= 0):
-            raise ValueError(f"played_ms: expected None or a number >= 0, got {played_ms!r}")
-        if not self._closed:
-            self._engine.post(_Cancel(self, played_ms))
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def closed() -> None:  # on the model thread
-            loop.call_soon_threadsafe(_resolve, done)
-
-        self._engine.post(_Close(self, closed))
-        if self._engine.alive:
-            await done
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def check_turn_audio(audio: np.ndarray) -> np.ndarray:
-    """A copy of a turn's audio as float32, or TurnRejected naming what is wrong (shape, length, NaN)."""
-    a = np.asarray(audio)
-    if a.ndim != 1 or a.dtype.kind != "f":
-        raise TurnRejected(f"audio: expected 1-D float mono PCM at {INPUT_SAMPLE_RATE} Hz, got shape {a.shape} "
-                           f"dtype {a.dtype}")
-    if not 0 < len(a) <= MAX_INPUT_SAMPLES:
-        raise TurnRejected(f"audio: expected 1..{MAX_INPUT_SAMPLES} samples (up to {MAX_INPUT_SECONDS:.0f} s), "
-                           f"got {len(a)}")
-    if not np.isfinite(a).all():
-        raise TurnRejected("audio: expected finite samples, got NaN or infinity")
-    return a.astype(np.float32, copy=True)
 
 
 class Engine:
@@ -262,7 +125,7 @@ class Engine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self._thread is not None:
-            self._commands.put(_Stop())
+            self._commands.put(Stop())
             self._thread.join(timeout)
 
     async def aclose(self) -> None:
@@ -278,7 +141,7 @@ class Engine:
             session_id = f"s{self._ids}"
         slot = self._pool.acquire(session_id)
         session = LocalSession(self, session_id, slot)
-        self.post(_Open(session, system_prompt))
+        self.post(Open(session, system_prompt))
         return session
 
     def post(self, command: Any) -> None:
@@ -363,7 +226,7 @@ class Engine:
                 command = None
             deadline = time.monotonic() + window if idle else 0.0
             while command is not None:
-                if isinstance(command, _Stop):
+                if isinstance(command, Stop):
                     worker.close_all()
                     return
                 self._apply(worker, command)
@@ -390,22 +253,22 @@ class Engine:
 
     def _apply(self, worker: Any, command: Any) -> None:
         try:
-            if isinstance(command, _Open):
+            if isinstance(command, Open):
                 worker.open(command.session.id, command.session.slot, command.system_prompt)
-            elif isinstance(command, _Submit):
+            elif isinstance(command, Submit):
                 seed = command.settings.seed
                 if seed is None:
                     seed = random.SystemRandom().randrange(1 << 31)
                 settings = replace(command.settings, seed=seed)
                 worker.submit(command.session.id, settings, command.audio, command.timings, command.forced,
                               command.emit)
-            elif isinstance(command, _Cancel):
+            elif isinstance(command, Cancel):
                 worker.cancel(command.session.id, command.played_ms)
-            elif isinstance(command, _Close):
+            elif isinstance(command, Close):
                 worker.close(command.session.id)
                 self.release(command.session)
                 command.closed()
         except Exception as e:  # noqa: BLE001 - a bad command fails only its own turn
             log.exception("engine: command %s failed", type(command).__name__)
-            if isinstance(command, _Submit):
+            if isinstance(command, Submit):
                 command.emit(TurnError(error_code(e), str(e)))

@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +35,14 @@ from voice_agent.engine.api import (
     UnitBlock,
 )
 from voice_agent.engine.config import EngineConfig, Models
-from voice_agent.engine.conversation import ContextPolicy, Conversation, PromptFormat, Speech, heard_tokens
+from voice_agent.engine.conversation import (
+    ContextPolicy,
+    Conversation,
+    PromptFormat,
+    Speech,
+    flatten_items,
+    heard_tokens,
+)
 from voice_agent.engine.flow_cache import FlowCache
 from voice_agent.engine.flow_stream import max_cached_frames
 from voice_agent.engine.reply import (
@@ -60,18 +66,6 @@ from voice_agent.model.tokenizer import SPEECH_TOKEN_INDEX, Turn
 log = logging.getLogger(__name__)
 
 WARMUP_SESSION = "warm-up"
-
-
-def _flatten(items: Sequence[list[int] | Speech]) -> tuple[list[int], list[Any]]:
-    ids: list[int] = []
-    speech: list[Any] = []
-    for item in items:
-        if isinstance(item, Speech):
-            ids.append(SPEECH_TOKEN_INDEX)
-            speech.append(item.features)
-        else:
-            ids += item
-    return ids, speech
 
 
 class ModelWorker:
@@ -274,7 +268,7 @@ class ModelWorker:
                 self._fail(t, error_code(e, "turn_rejected"), str(e))
                 continue
             t.begun = True
-            ids, speech = _flatten(new.items)
+            ids, speech = flatten_items(new.items, SPEECH_TOKEN_INDEX)
             embeds.append(lm.embed_prompt(ids, speech))
             t.reply = Reply.start(lm, llm_slot=t.session.slot, tts_slot=t.session.slot, llm_len=new.start,
                                   temperature=s.temperature, max_new_tokens=t.max_new_tokens, seed=s.seed,
