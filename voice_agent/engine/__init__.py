@@ -3,7 +3,8 @@
 - `api`: the contract everything above the engine uses (sessions, turns, events, timings). No torch.
 - `config` / `build`: the engine's limits (`EngineConfig`), and building an engine from model files
   (`files` says which files: `--model-dir`, models/, or the embedded demo model).
-- `thread`: the model thread and the asyncio-side sessions that post commands to it.
+- `sessions`: the asyncio side (`LocalSession`, whose calls post commands); `thread`: the model thread
+  that applies them and runs the steps.
 - `worker`: the step (schedule -> run -> postprocess) over every live turn; `scheduler` its policy (pure
   Python), `turns` what it keeps per session and per turn, `conversation` multi-turn memory and KV reuse.
 - Per-reply state: `reply` (one reply's decoding state and the batched LLM / TTS steps), `schedule` (the
