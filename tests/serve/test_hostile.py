@@ -8,7 +8,8 @@ Each endpoint registers an `Endpoint`: its path, the messages that open a sessio
 strategies for what a hostile client sends before and after opening. A later endpoint (OpenAI Realtime,
 telephony) adds one entry to ENDPOINTS and every check below applies to it.
 
-Checks, for every case: the server closes (if it does) only with a documented close code, writes no
+Known bad inputs (each endpoint's list) must get their typed error while the session goes on. Checks,
+for every case: the server closes (if it does) only with a documented close code, writes no
 traceback and no ERROR record for a client's mistake, still answers /healthz, and the healthy caller
 keeps getting its turns answered through the whole run. At the end every engine session but the
 healthy caller's has been given back. Figures (cases per endpoint, RSS before and after) are printed.
@@ -82,16 +83,51 @@ class InvalidText(bytes):
     """Bytes to send in a *text* frame (invalid UTF-8 where hypothesis makes it so)."""
 
 
+# Known bad inputs of the native protocol (the hardening issue's list): each must get an `error` event
+# with this code while the session stays open and usable.
+NATIVE_KNOWN_BAD: list[tuple[dict[str, object], str]] = [
+    ({"type": "update", "seed": 2**70}, "bad_field"),
+    ({"type": "update", "seed": -1}, "bad_field"),
+    ({"type": "update", "voice": "default"}, "bad_field"),
+    ({"type": "update", "voice": "x" * 100_000}, "bad_field"),
+    ({"type": "update", "voice": "../../../../etc/passwd"}, "bad_field"),
+    ({"type": "update", "max_new_tokens": 4096}, "bad_field"),
+    ({"type": "update", "max_new_tokens": 0}, "bad_field"),
+    ({"type": "update", "temperature": "hot"}, "bad_field"),
+    ({"type": "update", "vad": {"kind": "silero"}}, "bad_field"),
+    ({"type": "update", "vad": {"max_turn_ms": 120_000}}, "bad_field"),
+    ({"type": "interrupt", "played_ms": "soon"}, "bad_field"),
+    ({"type": "interrupt", "played_ms": -5}, "bad_field"),
+    ({"type": "playback", "response_id": "resp_1", "played_ms": float("nan")}, "bad_field"),
+    ({"type": "start"}, "duplicate_start"),
+    ({"type": "bogus"}, "unknown_type"),
+]
+
+
 @dataclass(frozen=True)
 class Endpoint:
     name: str
     path: str
     opening: Callable[[], list[str | bytes]]  # messages that open a session validly
     messages: Callable[[], st.SearchStrategy[str | bytes]]
+    known_bad: list[tuple[str | bytes, str]]  # (message, the error code it must get) after opening
+    error_code: Callable[[str | bytes], str | None]  # the error code a server message carries, if any
+    still_open: str | bytes  # a message that proves the session still works after the bad ones
+    still_open_reply: Callable[[str | bytes], bool]
+
+
+def native_error_code(message: str | bytes) -> str | None:
+    if isinstance(message, bytes):
+        return None
+    event = json.loads(message)
+    return event["code"] if event["type"] == "error" else None
 
 
 ENDPOINTS = [
-    Endpoint("native", "/ws", lambda: [json.dumps({"type": "start"})], native_messages),
+    Endpoint("native", "/ws", lambda: [json.dumps({"type": "start"})], native_messages,
+             [(json.dumps(m, allow_nan=True), code) for m, code in NATIVE_KNOWN_BAD], native_error_code,
+             json.dumps({"type": "update", "temperature": 0.5}),
+             lambda m: isinstance(m, str) and json.loads(m)["type"] == "session.updated"),
 ]
 
 
@@ -276,6 +312,26 @@ def test_fuzzed_messages(server: Server, healthy: HealthyCaller, endpoint: Endpo
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.name)
+def test_known_bad_inputs_get_typed_errors_and_the_session_goes_on(
+    server: Server, healthy: HealthyCaller, endpoint: Endpoint
+) -> None:
+    server.findings.records.clear()
+    with connect(f"ws://{server.addr}{endpoint.path}", max_size=None) as ws:
+        for m in endpoint.opening():
+            send(ws, m)
+        for message, code in endpoint.known_bad:
+            TRIED[endpoint.name] = TRIED.get(endpoint.name, 0) + 1
+            send(ws, message)
+            while (got := endpoint.error_code(ws.recv(timeout=5))) is None:
+                pass
+            assert got == code, f"{str(message)[:80]}: expected error {code}, got {got}"
+        send(ws, endpoint.still_open)
+        while not endpoint.still_open_reply(ws.recv(timeout=5)):
+            pass
+    check(server, None)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.name)
 def test_floods(server: Server, healthy: HealthyCaller, endpoint: Endpoint) -> None:
     """Many bad messages, many valid no-ops, and audio far faster than real time."""
     floods: list[list[str | bytes]] = [
@@ -380,4 +436,5 @@ def test_the_healthy_caller_was_answered_throughout(server: Server, healthy: Hea
     assert healthy.errors == []
     assert httpx.get(f"http://{server.addr}/healthz").status_code == 200
     print(f"\ncorpus: cases per endpoint {TRIED}; healthy caller's turns answered {healthy.answered}; "
-          f"findings {len(server.findings.records)}; RSS {rss_mb():.0f} MB")
+          f"findings {len(server.findings.records)}; engine sessions open {server.engine.open_count} "
+          f"(the healthy caller's); RSS {rss_mb():.0f} MB")
