@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
-import uvicorn
 import websockets
 from fakes import FakeEngine, silence, tone
+from serving import free_socket, running
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
@@ -86,18 +85,9 @@ async def serve_toy(engine: FakeEngine) -> AsyncIterator[str]:
         if failure is not None:
             await connection.close(*close_for(failure))
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
     app = Starlette(routes=[WebSocketRoute("/toy", toy)])
-    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(config)))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
+    async with running(app, uvicorn_options(config), free_socket()) as addr:
+        yield addr
 
 
 async def test_a_toy_wire_format_opens_on_connect_with_a_query_key_and_gets_replies() -> None:

@@ -32,24 +32,22 @@ import numpy as np
 import pytest
 import uvicorn
 from fakes import FakeEngine, silence, tone
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 from websockets.uri import parse_uri
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from voice_agent.serve.app import build_app, uvicorn_options  # noqa: E402
-from voice_agent.serve.config import ServerConfig  # noqa: E402
+from voice_agent.audio import float_to_pcm16
+from voice_agent.serve.app import build_app, uvicorn_options
+from voice_agent.serve.config import ServerConfig
 
 # Close codes docs/protocol.md documents for a client's doing; anything else (1011 above all) is a finding.
 DOCUMENTED_CLOSES = {1000, 1007, 1008, 1009, 1013, 4001, 4002, 4003, 4004, 4005}
 QUIET_S = 0.15  # a case ends when the server has said nothing for this long
 CASES = 60  # hypothesis examples per strategy and endpoint
-PCM16_SCALE = 32767
 CLIENT_LOGGERS = ("websockets.client",)  # the test clients log here; the server never does
 
 
@@ -220,16 +218,12 @@ def drain(ws: ClientConnection, quiet_s: float = QUIET_S) -> int | None:
         return closed.rcvd.code if closed.rcvd is not None else None
 
 
-def pcm(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1, 1) * PCM16_SCALE).astype("<i2").tobytes()
-
-
 FRAME_BYTES = 2 * 320  # 20 ms of PCM16 at 16 kHz, the native protocol's default frame
 
 
 def speak(ws: ClientConnection, audio: np.ndarray) -> None:
     """Send `audio` in 20-ms frames, as fast as the socket takes them."""
-    data = pcm(audio)
+    data = float_to_pcm16(audio)
     for i in range(0, len(data), FRAME_BYTES):
         ws.send(data[i : i + FRAME_BYTES])
 
@@ -337,7 +331,7 @@ def test_floods(server: Server, healthy: HealthyCaller, endpoint: Endpoint) -> N
     floods: list[list[str | bytes]] = [
         ["{not json"] * 500,
         [json.dumps({"type": "bogus", "n": i}) for i in range(500)],
-        [pcm(tone(20))] * 3000,
+        [float_to_pcm16(tone(20))] * 3000,
         [InvalidText(b"\xff\xfe")] * 200,
     ]
     for messages in floods:
@@ -405,7 +399,7 @@ def test_a_reader_that_never_reads_is_closed_and_forgotten(
     deaf = DeafClient(server.addr, endpoint.path)
     for m in endpoint.opening():
         deaf.send(m)
-    data = pcm(np.concatenate([tone(400), silence(700)]))
+    data = float_to_pcm16(np.concatenate([tone(400), silence(700)]))
     frames = [data[i : i + FRAME_BYTES] for i in range(0, len(data), FRAME_BYTES)]
     started = time.monotonic()
     closed_after: float | None = None

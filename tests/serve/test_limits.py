@@ -12,7 +12,6 @@ import base64
 import json
 import logging
 import os
-import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -20,10 +19,10 @@ from contextlib import asynccontextmanager, contextmanager
 
 import numpy as np
 import pytest
-import uvicorn
 import websockets
 from fakes import FAKE_VOICES, FakeEngine, silence, tone
-from test_server import KEY, client, close_code, eventually, serve, small_buffer_socket
+from serving import free_socket, running
+from test_server import KEY, SMALL_SOCKET_BUFFER, client, close_code, eventually, serve, small_buffer_socket
 from websockets.asyncio.client import connect
 
 from voice_agent.errors import ConfigError
@@ -190,20 +189,11 @@ async def test_text_that_is_not_utf8_is_closed_1007_with_one_log_line_and_no_tra
 async def serve_with_keepalive(engine: FakeEngine, ping_interval_s: float, ping_timeout_s: float,
                                **config: object) -> AsyncIterator[str]:
     """As test_server.serve with small socket buffers, and uvicorn's keepalive set as given."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
-    sock.bind(("127.0.0.1", 0))
+    sock = free_socket(SMALL_SOCKET_BUFFER)
     cfg = ServerConfig(port=sock.getsockname()[1], log_level="warning", **config)  # type: ignore[arg-type]
     options = {**uvicorn_options(cfg), "ws_ping_interval": ping_interval_s, "ws_ping_timeout": ping_timeout_s}
-    server = uvicorn.Server(uvicorn.Config(build_app(cfg, engine), **options))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"127.0.0.1:{cfg.port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with running(build_app(cfg, engine), options, sock) as addr:
+        yield addr
 
 
 def test_the_slow_client_rule_is_held_well_inside_the_keepalive() -> None:

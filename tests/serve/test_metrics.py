@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 import websockets
 from fakes import FakeEngine, silence, tone
 from prometheus_client.parser import text_string_to_metric_families
+from serving import free_socket, running
 from websockets.asyncio.client import ClientConnection, connect
 
 from voice_agent.audio import OUTPUT_SAMPLE_RATE
@@ -48,20 +48,13 @@ def free_port() -> int:
 @asynccontextmanager
 async def serve(engine: Any, **config: Any) -> AsyncIterator[str]:
     """The app on a free port in this event loop; yields "127.0.0.1:PORT" once the engine is ready."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    cfg = ServerConfig(port=port, log_level="warning", **config)
-    server = uvicorn.Server(uvicorn.Config(build_app(cfg, engine), **uvicorn_options(cfg)))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
+    sock = free_socket()
+    cfg = ServerConfig(port=sock.getsockname()[1], log_level="warning", **config)
+    async with running(build_app(cfg, engine), uvicorn_options(cfg), sock) as addr:
         async with asyncio.timeout(120):
-            while not (server.started and engine.ready):
+            while not engine.ready:
                 await asyncio.sleep(0.02)
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+        yield addr
 
 
 class Samples:

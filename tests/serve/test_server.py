@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 import websockets
 from fakes import FakeEngine, silence, tone
+from serving import free_socket, running
 from websockets.asyncio.client import ClientConnection, connect
 
 from voice_agent.audio import MAX_INPUT_SECONDS, MAX_TURN_MS
@@ -37,21 +37,10 @@ SMALL_SOCKET_BUFFER = 32 * 1024  # bytes: kernel buffers that a client which sto
 async def serve(engine: FakeEngine, *, small_buffers: bool = False, **config: object) -> AsyncIterator[str]:
     """Run the app on a free port in this event loop; yields "127.0.0.1:PORT". `small_buffers`: the
     accepted sockets get a small send buffer (Linux copies it from the listening socket)."""
-    sock = socket.socket()
-    if small_buffers:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_SOCKET_BUFFER)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    cfg = ServerConfig(port=port, log_level="warning", **config)  # type: ignore[arg-type]
-    server = uvicorn.Server(uvicorn.Config(build_app(cfg, engine), **uvicorn_options(cfg)))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    sock = free_socket(SMALL_SOCKET_BUFFER if small_buffers else None)
+    cfg = ServerConfig(port=sock.getsockname()[1], log_level="warning", **config)  # type: ignore[arg-type]
+    async with running(build_app(cfg, engine), uvicorn_options(cfg), sock) as addr:
+        yield addr
 
 
 @dataclass

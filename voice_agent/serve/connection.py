@@ -42,7 +42,6 @@ client learns why).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import time
@@ -53,7 +52,6 @@ import anyio.abc
 from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from voice_agent.audio import OUTPUT_SAMPLE_RATE
 from voice_agent.engine.api import Engine, EngineEvent, EngineSession, TurnError
 from voice_agent.errors import (
     AuthCoolDown,
@@ -73,7 +71,7 @@ from voice_agent.errors import (
 from voice_agent.serve.config import ServerConfig
 from voice_agent.serve.metrics import ConnectionMonitor
 from voice_agent.serve.outbox import Outbox
-from voice_agent.serve.peers import PeerGuard
+from voice_agent.serve.peers import PeerGuard, bearer_key, key_matches
 from voice_agent.serve.protocols.adapter import WireAdapter
 from voice_agent.serve.protocols.events import (
     AudioFrame,
@@ -126,7 +124,7 @@ class Connection:
             return AuthCoolDown(f"expected fewer than {n} failed API-key attempts from one address within {window} "
                                 f"s, got {n}; try again in {math.ceil(refused)} s", refused)
         if self.config.api_key is not None:
-            key = _bearer(self.ws)
+            key = bearer_key(self.ws.headers)
             if key is None:
                 key = self.adapter.handshake_key(self.ws.headers, self.ws.query_params)
             if key is not None:
@@ -309,7 +307,7 @@ class Connection:
         self.monitor.sent(event, time.monotonic())
         response_id = event.response_id if isinstance(event, (ResponseAudio, ResponseText)) else None
         if isinstance(event, ResponseAudio):  # carried by the last message of this event (or the next one)
-            self._audio_mark = (event.response_id, event.start_ms + 1000.0 * len(event.pcm) / OUTPUT_SAMPLE_RATE)
+            self._audio_mark = (event.response_id, event.start_ms + event.duration_ms)
         messages = self.adapter.encode(event)
         for i, message in enumerate(messages):
             mark = self._audio_mark if i == len(messages) - 1 else None
@@ -347,7 +345,7 @@ class Connection:
     def _check_key(self, key: str) -> bool:
         """Whether `key` is the API key; a wrong one counts against this peer."""
         assert self.config.api_key is not None
-        if _key_matches(key, self.config.api_key):
+        if key_matches(key, self.config.api_key):
             self._authorized = True
             self.peers.auth_succeeded(self.peer)
             return True
@@ -387,13 +385,3 @@ CLOSED_UNDER_US = 1006  # the code a socket closed without our close frame repor
 def _is_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, (WebSocketDisconnect, OSError))
 
-
-def _key_matches(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
-
-
-def _bearer(ws: WebSocket) -> str | None:
-    header = ws.headers.get("authorization")
-    if header is None or not header.lower().startswith("bearer "):
-        return None
-    return header[len("bearer "):].strip()

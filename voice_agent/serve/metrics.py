@@ -30,7 +30,6 @@ key material.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sized
@@ -44,10 +43,9 @@ from prometheus_client.registry import Collector
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import PlainTextResponse, Response
 
-from voice_agent.audio import OUTPUT_SAMPLE_RATE
 from voice_agent.engine.api import Engine
 from voice_agent.serve.logs import log_event
-from voice_agent.serve.peers import Throttle
+from voice_agent.serve.peers import Throttle, bearer_key, key_matches
 from voice_agent.serve.protocols.events import ErrorEvent, ResponseAudio, ResponseFinished, ServerEvent
 
 log = logging.getLogger("voice_agent.serve.sessions")
@@ -162,7 +160,7 @@ def metrics_endpoint(metrics: Metrics, api_key: str | None) -> Callable[[Request
     """The `/metrics` route of the main port: behind the key when one is set."""
 
     async def endpoint(request: Request) -> Response:
-        if api_key is not None and not _bearer_matches(request.headers.get("authorization"), api_key):
+        if api_key is not None and not key_matches(bearer_key(request.headers), api_key):
             return PlainTextResponse("expected Authorization: Bearer <API key>\n", status_code=401,
                                      headers={"WWW-Authenticate": "Bearer"})
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -181,12 +179,6 @@ def serve_metrics(metrics: Metrics, host: str, port: int) -> Callable[[], None]:
         thread.join(5.0)
 
     return stop
-
-
-def _bearer_matches(header: str | None, key: str) -> bool:
-    if header is None or not header.lower().startswith("bearer "):
-        return False
-    return hmac.compare_digest(header[len("bearer "):].strip().encode(), key.encode())
 
 
 @dataclass
@@ -303,7 +295,7 @@ class ConnectionMonitor:
                 if m is not None:
                     m.underruns.labels(self.endpoint).inc()
                     m.underrun_seconds.labels(self.endpoint).inc(now - r.dry_at)
-        r.dry_at = max(r.dry_at, now) + len(event.pcm) / OUTPUT_SAMPLE_RATE
+        r.dry_at = max(r.dry_at, now) + event.duration_ms / 1000.0
         r.last_chunk = now
 
     def _finished(self, event: ResponseFinished) -> None:

@@ -14,20 +14,41 @@ proxy that is not trusted) share one peer's limits.
 Memory stays bounded: a peer with no open connection and no failure within `cooldown_s` is forgotten,
 and at most MAX_PEERS are remembered (the oldest idle ones go first).
 
+`bearer_key(headers)` and `key_matches(given, key)` are the one reading of `Authorization: Bearer KEY` and
+the one (constant-time) key comparison, for the WebSocket routes and /metrics alike.
+
 Auth failures are logged, never the key: at most one line per LOG_INTERVAL_S, counting what happened
 since the last line (`Throttle`), so a flood of guesses makes a few lines.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
 MAX_PEERS = 65_536  # peers remembered at most
 LOG_INTERVAL_S = 10.0  # at most one auth log line per this
+
+
+BEARER = "bearer "
+
+
+def bearer_key(headers: Mapping[str, str]) -> str | None:
+    """The key of an `Authorization: Bearer KEY` header, or None without one."""
+    header = headers.get("authorization")
+    if header is None or not header.lower().startswith(BEARER):
+        return None
+    return header[len(BEARER):].strip()
+
+
+def key_matches(given: str | None, key: str) -> bool:
+    """Whether `given` is `key`, compared in constant time."""
+    return given is not None and hmac.compare_digest(given.encode(), key.encode())
 
 
 class Throttle:
@@ -126,12 +147,10 @@ class PeerGuard:
             p = self._peers[peer] = _Peer()
         return p
 
-    def _forget_if_idle(self, peer: str, p: _Peer, now: float) -> bool:
+    def _forget_if_idle(self, peer: str, p: _Peer, now: float) -> None:
         recent = p.failures and now - p.failures[-1] < self.cooldown_s
         if p.connections == 0 and not recent and now >= p.refused_until:
             del self._peers[peer]
-            return True
-        return False
 
     def _prune(self, now: float) -> None:
         """Forget idle peers; if all are busy, the oldest without open connections (their failures go)."""

@@ -40,7 +40,7 @@ from enum import Enum
 
 import numpy as np
 
-from voice_agent.audio import INPUT_SAMPLE_RATE
+from voice_agent.audio import INPUT_SAMPLES_PER_MS
 from voice_agent.engine.api import AudioChunk, EngineEvent, ResponseDone, TextDelta, TurnError, TurnSettings
 from voice_agent.errors import SessionStateError
 from voice_agent.serve.protocols.events import (
@@ -262,7 +262,7 @@ class Session:
         """The response answering a turn that just ended: a new one, or the waiting one it joins."""
         r = self._current
         if r is not None and not r.submitted:  # reopened: this utterance joins the waiting turn
-            keep = self.settings.vad.max_turn_ms * INPUT_SAMPLE_RATE // 1000
+            keep = self.settings.vad.max_turn_ms * INPUT_SAMPLES_PER_MS
             r.audio = np.concatenate([r.audio, audio])[-keep:]
             r.speech_end, r.end_of_turn_ms = speech_end, end_of_turn_ms
             return r

@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from voice_agent.audio import OUTPUT_SAMPLES_PER_MS
 from voice_agent.serve.settings import SessionSettings
 
 # Error codes an adapter may raise (also the `code` of the wire `error` event).
@@ -144,6 +145,10 @@ class ResponseAudio:
     response_id: str
     pcm: np.ndarray
     start_ms: float
+
+    @property
+    def duration_ms(self) -> float:
+        return len(self.pcm) / OUTPUT_SAMPLES_PER_MS
 
 
 @dataclass(frozen=True)
