@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from voice_agent.model.cosy2.flow_config import FlowConfig
-from voice_agent.model.cosy2.tiny import write_tiny_flow
+from voice_agent.model.cosy2.tiny import write_tiny_cosy2_decoder, write_tiny_flow
 
 torch.set_num_threads(1)
 
@@ -21,3 +21,9 @@ def flow_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cosy2_decoder") / "flow.pt"
     write_tiny_flow(path, FlowConfig.tiny(), seed=0)
     return path
+
+
+@pytest.fixture(scope="session")
+def decoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny cosy2_decoder directory (seed 0); tests only read it."""
+    return write_tiny_cosy2_decoder(tmp_path_factory.mktemp("tiny") / "cosy2_decoder", seed=0)

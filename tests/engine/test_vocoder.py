@@ -22,7 +22,7 @@ from voice_agent.model.cosy2.decoder import Cosy2Decoder
 from voice_agent.model.cosy2.flow import NoiseSource
 from voice_agent.model.cosy2.hift import Excitation, HiFT, draw_excitation, load_hift
 from voice_agent.model.cosy2.hift_config import HiFTConfig
-from voice_agent.model.cosy2.tiny import write_tiny_cosy2_decoder, write_tiny_hift
+from voice_agent.model.cosy2.tiny import write_tiny_hift
 
 TINY = HiFTConfig.tiny()
 BLOCKS = (14, 20, 20, 9)  # mel frames per call in the live schedule: 7 units, then 10, 10, then the rest
@@ -31,11 +31,6 @@ BLOCKS = (14, 20, 20, 9)  # mel frames per call in the live schedule: 7 units, t
 @pytest.fixture(scope="module")
 def hift(tmp_path_factory: pytest.TempPathFactory) -> HiFT:
     return load_hift(write_tiny_hift(tmp_path_factory.mktemp("hift") / "hift.pt", TINY, seed=1), TINY)
-
-
-@pytest.fixture(scope="module")
-def decoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_cosy2_decoder(tmp_path_factory.mktemp("tiny") / "cosy2_decoder", seed=0)
 
 
 def smooth_mel(frames: int, seed: int) -> torch.Tensor:

@@ -15,11 +15,6 @@ from voice_agent.model.cosy2.tiny import write_tiny_cosy2_decoder
 TINY = HiFTConfig.tiny()
 
 
-@pytest.fixture(scope="module")
-def decoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_cosy2_decoder(tmp_path_factory.mktemp("tiny") / "cosy2_decoder", seed=0)
-
-
 def test_tiny_decoder_directory_is_deterministic_per_seed(tmp_path: Path, decoder_dir: Path) -> None:
     again = write_tiny_cosy2_decoder(tmp_path / "again", seed=0)
     names = sorted(p.relative_to(decoder_dir) for p in decoder_dir.rglob("*") if p.is_file())

@@ -40,9 +40,8 @@ def test_writes_the_official_layout(tiny):
     assert {p.name for p in tiny.tts_tokenizer_dir.iterdir()} == TOKENIZER_FILES
     assert tiny.speech_encoder == tiny.root / "speech_encoder" / "large-v3.pt"
     assert tiny.speech_encoder.is_file() and load_generation_config(tiny.model_dir) is None
-    if tiny.cosy2_decoder is not None:  # written by voice_agent.model.cosy2.decoder once it is in the package
-        assert tiny.cosy2_decoder == tiny.root / "cosy2_decoder"
-        assert (tiny.cosy2_decoder / "flow.pt").is_file() and (tiny.cosy2_decoder / "hift.pt").is_file()
+    assert tiny.cosy2_decoder == tiny.root / "cosy2_decoder"  # written by voice_agent.model.cosy2.tiny
+    assert (tiny.cosy2_decoder / "flow.pt").is_file() and (tiny.cosy2_decoder / "hift.pt").is_file()
 
 
 def test_config_json_has_the_official_fields(tiny):

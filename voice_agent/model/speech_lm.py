@@ -195,11 +195,19 @@ class SpeechLM:
     def speech_positions(self, samples: int) -> int:
         """LLM positions (speech embeddings) that `samples` samples of 16 kHz audio take in the prompt:
         `lengths` of `speech_features`, without running it (300 for any turn unless `unpadded`)."""
-        k = self.config.speech_encoder_ds_rate
         if not self.unpadded:
-            return self.encoder.n_ctx // k
-        step = ENCODER_STRIDE * k * HOP_LENGTH  # samples per speech embedding (100 ms)
-        return min(N_SAMPLES, max(step, -(-samples // step) * step)) // step
+            return self.encoder.n_ctx // self.config.speech_encoder_ds_rate
+        return self._unpadded_samples(samples) // self._samples_per_position
+
+    @property
+    def _samples_per_position(self) -> int:
+        """Input samples per speech embedding (100 ms): k encoder frames of two mel hops each."""
+        return ENCODER_STRIDE * self.config.speech_encoder_ds_rate * HOP_LENGTH
+
+    def _unpadded_samples(self, samples: int) -> int:
+        """What an unpadded row of `samples` samples is encoded at: whole speech embeddings, 1 .. 30 s."""
+        step = self._samples_per_position
+        return min(N_SAMPLES, max(step, -(-samples // step) * step))
 
     def reply_units(self, text_tokens: int, final_units: int) -> int:
         """The most TTS tokens a reply of up to `text_tokens` text tokens writes (see tts_lm.reply_units)."""
@@ -221,7 +229,6 @@ class SpeechLM:
     @torch.inference_mode()
     def speech_features(self, audios: list[np.ndarray]) -> SpeechFeatures:
         """16 kHz float32 mono audio per row -> mel, encoder output and adapter output, batched."""
-        k = self.config.speech_encoder_ds_rate
         if not self.unpadded:
             # Each row zero-padded to 30 s inside the log-mel, without building the padded batch.
             rows = [torch.as_tensor(np.asarray(a, dtype=np.float32))[:N_SAMPLES].to(self.device)
@@ -232,8 +239,7 @@ class SpeechLM:
         else:
             # Each row at its own length in whole adapter frames (k encoder frames = 2k mel frames), its
             # mel computed alone, then batched with per-row lengths: a row equals the row encoded alone.
-            step = ENCODER_STRIDE * k * HOP_LENGTH
-            sizes = [min(N_SAMPLES, max(step, -(-len(a) // step) * step)) for a in audios]
+            sizes = [self._unpadded_samples(len(a)) for a in audios]
             mels = []
             for audio, n in zip(audios, sizes, strict=True):
                 row = torch.zeros(1, n)

@@ -5,7 +5,7 @@ Prints the text as it is generated and, after each read, how many units the TTS 
 to `--output`. `--temperature 0` makes text and units greedy, so runs repeat exactly.
 
 `--dump out.npz` writes the intermediate arrays for inspection and comparison with other implementations
-(`DUMP_ARRAYS`, shown here as key: dtype [shape]):
+(key: dtype [shape]):
 
 - mel: float32 [n_mels, T_mel], the encoder input; encoder_out: float32 [T_enc, D_enc];
   adapter_out: float32 [T_enc / 5, H]; prompt_ids: int64, the prompt with -200 at the speech placeholder
@@ -44,25 +44,6 @@ from voice_agent.model.speech_lm import SpeechLM
 from voice_agent.model.tokenizer import Turn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-DUMP_ARRAYS = {
-    "mel": "float32 [n_mels, T_mel], the encoder input",
-    "encoder_out": "float32 [T_enc, D_enc]",
-    "adapter_out": "float32 [T_enc / 5, H]",
-    "prompt_ids": "int64, the templated prompt with -200 at the speech placeholder",
-    "llm_logits": "float32 [N_text, V], the LLM logits of every generated position, in order",
-    "first_logits": "float32 [V], LLM logits at the first generated position",
-    "text_ids": "int64 [N_text], generated text ids",
-    "tts_hidden": "float32 [N_text, H], the LLM states fed to the TTS model, in order",
-    "read_ids": "int64 [n_reads, R], the text tokens of each read, right-padded with -1",
-    "read_final": "bool [n_reads], whether each read is the final one (appends <sep>)",
-    "tts_fused": "float32 [N_read, D], the fused TTS input of every text token read, in read order",
-    "tts_ids": "int64 [n_tts_steps], every id the TTS LM sampled, in order (raw, before mapping to units)",
-    "units": "int64, all speech units",
-    "unit_blocks": "int64 [n_reads], the number of units written after each read, in order",
-    "flow_mel": "float32 [80, T], the mel of the whole reply, non-streaming (with --vocoder-dir)",
-    "wav": "float32, the streamed 24 kHz waveform in order (with --vocoder-dir)",
-}
 
 
 @dataclass

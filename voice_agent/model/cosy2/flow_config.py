@@ -26,12 +26,9 @@ from typing import Any
 
 from voice_agent.audio import MEL_FRAME_RATE_HZ, MEL_FRAMES_PER_UNIT, UNIT_RATE_HZ
 
-TOKEN_RATE_HZ = UNIT_RATE_HZ  # 25 CosyVoice2 speech units per second (40 ms each)
-TOKEN_MEL_RATIO = MEL_FRAMES_PER_UNIT  # 2 mel frames per unit
-MEL_RATE_HZ = MEL_FRAME_RATE_HZ  # 50 mel frames per second (hop 480 at 24 kHz)
 N_MELS = 80  # mel bins the flow writes and HiFT reads
 NOISE_SECONDS = 300  # the reference's fixed CFM noise buffer covers 300 s
-NOISE_FRAMES = NOISE_SECONDS * MEL_RATE_HZ  # 15000 frames
+NOISE_FRAMES = NOISE_SECONDS * MEL_FRAME_RATE_HZ  # 15000 frames
 CHUNK_SECONDS = 2  # LLaMA-Omni2: encoder chunk = 2 s of units, estimator chunk = 2 s of mel
 OFFICIAL_UP_BLOCKS = 4  # conformer layers after upsampling, hard-coded in the reference encoder
 
@@ -44,8 +41,8 @@ class FlowConfig:
     input_size: int = 512  # unit embedding width (= encoder input)
     output_size: int = N_MELS  # mel bins
     spk_embed_dim: int = 192  # CAM++ speaker vector
-    input_frame_rate: int = TOKEN_RATE_HZ  # units per second
-    token_mel_ratio: int = TOKEN_MEL_RATIO  # mel frames per unit (= encoder upsampling stride)
+    input_frame_rate: int = UNIT_RATE_HZ  # units per second
+    token_mel_ratio: int = MEL_FRAMES_PER_UNIT  # mel frames per unit (= encoder upsampling stride)
     pre_lookahead_len: int = 3  # units of look-ahead in the encoder's first conv
     # Upsample-conformer encoder.
     encoder_output_size: int = 512
@@ -53,7 +50,7 @@ class FlowConfig:
     encoder_linear_units: int = 2048
     encoder_num_blocks: int = 6
     encoder_num_up_blocks: int = OFFICIAL_UP_BLOCKS
-    encoder_chunk_tokens: int = CHUNK_SECONDS * TOKEN_RATE_HZ  # 50 units; 0 = full context
+    encoder_chunk_tokens: int = CHUNK_SECONDS * UNIT_RATE_HZ  # 50 units; 0 = full context
     # Causal U-Net estimator of the CFM.
     estimator_in_channels: int = 4 * N_MELS  # x, mu, speaker, cond
     estimator_out_channels: int = N_MELS
@@ -62,7 +59,7 @@ class FlowConfig:
     estimator_num_heads: int = 8
     estimator_n_blocks: int = 4  # transformer blocks per stage
     estimator_num_mid_blocks: int = 12
-    decoder_chunk_frames: int = CHUNK_SECONDS * MEL_RATE_HZ  # 100 mel frames; 0 = full context
+    decoder_chunk_frames: int = CHUNK_SECONDS * MEL_FRAME_RATE_HZ  # 100 mel frames; 0 = full context
     # Conditional flow matching solver.
     n_timesteps: int = 10  # Euler steps
     t_scheduler: str = "cosine"  # t_k = 1 - cos(k/n * pi/2); "linear" is t_k = k/n
