@@ -58,7 +58,13 @@ RESAMPLE_KAISER_BETA = 9.0  # Kaiser window shape: ~90 dB stopband attenuation
 def load_audio(
     path: str | Path, *, rate: int = INPUT_SAMPLE_RATE, max_seconds: float | None = None
 ) -> np.ndarray:
-    """Read an audio file as mono float32 at `rate` Hz: shape (N,).
+    """Read an audio file as mono float32 at `rate` Hz: shape (N,). Errors as `read_audio`'s."""
+    mono, file_rate = read_audio(path, max_seconds=max_seconds)
+    return resample(mono, file_rate, rate)
+
+
+def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Read an audio file as mono float32 at its own rate: ((N,) samples, rate in Hz), channels averaged.
 
     Raises AudioInputError naming the file if it is missing, not audio, empty, or longer than `max_seconds`
     (checked from the header before decoding the samples).
@@ -83,8 +89,7 @@ def load_audio(
         raise AudioInputError(f"unreadable audio file {path}: cannot decode samples ({e})") from e
     if data.shape[0] == 0:
         raise AudioInputError(f"empty audio file {path}: expected at least one sample, got 0")
-    mono = data.mean(axis=1, dtype=np.float32)  # (N,)
-    return resample(mono, file_rate, rate)
+    return data.mean(axis=1, dtype=np.float32), int(file_rate)  # (N,)
 
 
 # ---- PCM16 ------------------------------------------------------------------------------------------------

@@ -28,11 +28,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from voice_agent.audio import INPUT_SAMPLE_RATE, load_audio
+from voice_agent.audio import INPUT_SAMPLE_RATE, read_audio
 from voice_agent.errors import AudioInputError, VoiceError
 from voice_agent.model.weights import load_torch_file
 
@@ -133,13 +132,10 @@ def resample(wav: np.ndarray, rate_hz: int, target_hz: int = INPUT_SAMPLE_RATE) 
 
 def read_prompt_16k(path: str | Path) -> np.ndarray:
     """A recording (any rate, any channel count) as mono float32 16 kHz: read at its own rate by
-    `voice_agent.audio.load_audio` (channels averaged, no int16 rescaling), then resampled here as the
+    `voice_agent.audio.read_audio` (channels averaged, no int16 rescaling), then resampled here as the
     reference resamples it (not with load_audio's filter)."""
-    try:
-        rate = int(sf.info(str(path)).samplerate)  # header only
-    except (sf.LibsndfileError, RuntimeError, OSError):
-        rate = INPUT_SAMPLE_RATE  # not audio, or missing: load_audio raises the error that names the file
-    return resample(load_audio(path, rate=rate), rate)
+    mono, rate = read_audio(path)
+    return resample(mono, rate)
 
 
 @lru_cache(maxsize=4)
