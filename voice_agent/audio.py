@@ -8,6 +8,9 @@ Contract:
 - `Resampler` is a streaming band-limited resampler (windowed-sinc, Kaiser window, polyphase); feeding it
   chunk by chunk gives the same samples as `resample` on the whole signal. `resample` is the one-shot form.
 - `pcm16_to_float` / `float_to_pcm16` convert little-endian int16 PCM to float32 in [-1, 1) and back.
+- `ulaw_to_float` / `float_to_ulaw` and `alaw_to_float` / `float_to_alaw`: ITU-T G.711 mu-law and A-law (one
+  byte per sample, the 8 kHz telephony codecs), vectorized in numpy with the segment rules of the ITU /
+  Sun reference coder (the same code points as Python's retired `audioop`).
 
 Deviation from the reference: openai-whisper decodes and resamples with ffmpeg (to int16 at 16 kHz, then
 /32768). Here decoding is libsndfile and resampling is our own filter, so the samples differ from the
@@ -44,6 +47,7 @@ PCM16_BYTES = 2  # bytes per int16 sample
 PCM16_SCALE = 32768.0  # int16 full scale: float = int16 / PCM16_SCALE
 PCM16_MAX = int(PCM16_SCALE) - 1  # 32767
 PCM16_MIN = -int(PCM16_SCALE)  # -32768
+G711_SAMPLE_RATE = 8_000  # Hz: G.711 mu-law / A-law telephony audio, one byte per sample
 
 # ---- resampling filter ----------------------------------------------------------------------------------
 # A Kaiser-windowed sinc low-pass at the lower of the two Nyquist frequencies. With these values the
@@ -213,3 +217,85 @@ def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
         return x.copy()
     r = Resampler(src_rate, dst_rate)
     return np.concatenate([r.process(x), r.flush()])
+
+
+# ---- G.711 (ITU-T G.711; the segment rules of the Sun / ITU reference coder) ---------------------------------
+# mu-law codes a 14-bit magnitude (int16 >> 2) plus a bias of 33 in 8 segments; A-law a 13-bit one (int16 >> 3)
+# in 8 segments. Codes are stored inverted (mu-law: all bits; A-law: the even bits, XOR 0x55).
+ULAW_BIAS = 0x21  # added to the 14-bit magnitude before the segment search
+ULAW_CLIP = 8159  # largest 14-bit magnitude mu-law codes (8159 + 33 = 8192 = 2**13)
+_ULAW_SEGMENT_ENDS = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF], dtype=np.int32)
+_ALAW_SEGMENT_ENDS = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF], dtype=np.int32)
+
+
+def _pcm16_ints(x: np.ndarray) -> np.ndarray:
+    """Float samples (nominally [-1, 1]) -> int32 values of int16 range, rounded and clipped (as PCM16)."""
+    scaled = np.rint(np.asarray(x, dtype=np.float64) * PCM16_SCALE)
+    return np.clip(scaled, PCM16_MIN, PCM16_MAX).astype(np.int32)
+
+
+def _codes(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 array of G.711 codes, got dtype {data.dtype}")
+        return data
+    return np.frombuffer(bytes(data), dtype=np.uint8)
+
+
+def _linear_to_ulaw(v: np.ndarray) -> np.ndarray:
+    """int16-range int32 values -> mu-law codes (uint8)."""
+    v = v >> 2  # (N,) 14-bit, arithmetic shift as the reference coder
+    mask = np.where(v < 0, 0x7F, 0xFF)
+    mag = np.minimum(np.abs(v), ULAW_CLIP) + ULAW_BIAS
+    seg = np.searchsorted(_ULAW_SEGMENT_ENDS, mag)  # 0..8; 8 (full scale) is beyond the last segment
+    code = np.where(seg >= 8, 0x7F, (np.minimum(seg, 7) << 4) | ((mag >> (seg + 1)) & 0xF))
+    return (code ^ mask).astype(np.uint8)
+
+
+def _linear_to_alaw(v: np.ndarray) -> np.ndarray:
+    """int16-range int32 values -> A-law codes (uint8)."""
+    v = v >> 3  # (N,) 13-bit
+    mask = np.where(v >= 0, 0xD5, 0x55)
+    mag = np.where(v >= 0, v, -v - 1)
+    seg = np.searchsorted(_ALAW_SEGMENT_ENDS, mag)  # 0..8; 8 is beyond the last segment
+    quant = np.where(seg < 2, mag >> 1, mag >> np.maximum(seg, 1)) & 0xF
+    code = np.where(seg >= 8, 0x7F, (np.minimum(seg, 7) << 4) | quant)
+    return (code ^ mask).astype(np.uint8)
+
+
+def _ulaw_table() -> np.ndarray:
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    t = (((u & 0xF) << 3) + 0x84) << ((u & 0x70) >> 4)
+    return np.where(u & 0x80, 0x84 - t, t - 0x84).astype(np.int16)  # (256,)
+
+
+def _alaw_table() -> np.ndarray:
+    a = np.arange(256, dtype=np.int32) ^ 0x55
+    seg = (a & 0x70) >> 4
+    t = (a & 0xF) << 4
+    t = np.where(seg == 0, t + 8, (t + 0x108) << np.maximum(seg - 1, 0))
+    return np.where(a & 0x80, t, -t).astype(np.int16)  # (256,)
+
+
+ULAW_TO_PCM16 = _ulaw_table()  # (256,) int16: the linear value of each mu-law code
+ALAW_TO_PCM16 = _alaw_table()  # (256,) int16: the linear value of each A-law code
+
+
+def ulaw_to_float(codes: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
+    """G.711 mu-law bytes (or a uint8 array) -> float32 samples in [-1, 1)."""
+    return ULAW_TO_PCM16[_codes(codes)].astype(np.float32) / np.float32(PCM16_SCALE)
+
+
+def alaw_to_float(codes: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
+    """G.711 A-law bytes (or a uint8 array) -> float32 samples in [-1, 1)."""
+    return ALAW_TO_PCM16[_codes(codes)].astype(np.float32) / np.float32(PCM16_SCALE)
+
+
+def float_to_ulaw(x: np.ndarray) -> bytes:
+    """Float samples (nominally [-1, 1]) -> G.711 mu-law bytes, one per sample (rounded and clipped as PCM16)."""
+    return _linear_to_ulaw(_pcm16_ints(x)).tobytes()
+
+
+def float_to_alaw(x: np.ndarray) -> bytes:
+    """Float samples (nominally [-1, 1]) -> G.711 A-law bytes, one per sample (rounded and clipped as PCM16)."""
+    return _linear_to_alaw(_pcm16_ints(x)).tobytes()
