@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 MODELS_DIR = "models"  # where `voice-agent download` puts the weights, relative to the working directory
 COMMAND = "voice-agent"  # the console script pyproject.toml installs beside the interpreter
 DEMO_SEED = 0
-DEMO_FORMAT = 2  # bump when what make_tiny writes for the demo changes: the cache key holds it
+# Bump when what make_tiny writes for the demo changes: the cache key holds it. 3: the whisper file's text
+# decoder is usable (large-v3's vocabulary, for user transcripts).
+DEMO_FORMAT = 3
 
 
 def demo_cache_dir() -> Path:

@@ -14,7 +14,9 @@ matrices and biases, ones for norm gains, the real Whisper sinusoids for the enc
 Each tensor is drawn from a generator seeded by (seed, key), so a tensor does not depend on which other
 keys are written (tied/untied, sharded or not give identical shared tensors); the same seed gives the same
 bytes. Weights are float32 by default (exact comparisons in tests); `dtype=torch.bfloat16` mirrors the
-official files. The encoder tensors of the Whisper .pt are the `model.speech_encoder.*` tensors, unchanged.
+official files. The encoder tensors of the Whisper .pt are the `model.speech_encoder.*` tensors, unchanged; its text
+decoder (float16, as the official file's) has large-v3's vocabulary and text context at tiny width, so
+openai-whisper's decoding runs on it (and transcribes random text).
 
 The tokenizers are byte-level BPE in the Qwen2 style, written by `tiny_tokenizer`; the LLM vocab_size is
 padded above the tokenizer length as Qwen pads its embedding table. The decoder directory is written by
@@ -50,11 +52,16 @@ WHISPER_HEAD_DIM = 64  # every Whisper model; n_head = n_state // 64
 LLM_SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 TTS_SHAPE = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
 WHISPER_N_AUDIO_STATE = 128
+WHISPER_N_VOCAB = 51866  # large-v3's text vocabulary
+WHISPER_N_TEXT_CTX = 448  # large-v3's text positions
 WHISPER_DIMS = {  # openai-whisper ModelDimensions; n_audio_ctx 1500 = 30 s at 50 Hz, as real
     "n_mels": 128, "n_audio_ctx": 1500, "n_audio_state": WHISPER_N_AUDIO_STATE,
     "n_audio_head": WHISPER_N_AUDIO_STATE // WHISPER_HEAD_DIM, "n_audio_layer": 2,
-    # the text decoder is never run; its keys only have to exist for whisper.load_model
-    "n_vocab": 128, "n_text_ctx": 16, "n_text_state": WHISPER_HEAD_DIM, "n_text_head": 1, "n_text_layer": 1,
+    # the text decoder transcribes (model/transcribe.py): openai-whisper's tokenizer and decoding need
+    # large-v3's real vocabulary (51866 = 51765 + 1 + 100 languages) and text context; widths stay tiny
+    # (cross-attention reads the encoder output, so n_text_state is n_audio_state, as in every Whisper)
+    "n_vocab": WHISPER_N_VOCAB, "n_text_ctx": WHISPER_N_TEXT_CTX, "n_text_state": WHISPER_N_AUDIO_STATE,
+    "n_text_head": WHISPER_N_AUDIO_STATE // WHISPER_HEAD_DIM, "n_text_layer": 1,
 }
 PROJECTOR_HIDDEN = 128  # linear1 output (2048 in the real files)
 DS_RATE = 5  # adapter frame stacking k
@@ -116,7 +123,7 @@ def whisper_encoder_shapes(prefix: str, dims: dict[str, int]) -> dict[str, tuple
 
 
 def whisper_decoder_shapes(prefix: str, dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
-    """Keys of openai-whisper's TextDecoder under `prefix` (present in the .pt, never used here)."""
+    """Keys of openai-whisper's TextDecoder under `prefix` (the transcript decoder, model/transcribe.py)."""
     n = dims["n_text_state"]
     shapes: dict[str, tuple[int, ...]] = {
         f"{prefix}token_embedding.weight": (dims["n_vocab"], n),
@@ -289,7 +296,8 @@ def make_tiny(
     prefix = "model.speech_encoder."
     whisper_state = {k.replace(prefix, "encoder."): t.clone() for k, t in tensors.items() if prefix in k}
     decoder_shapes = whisper_decoder_shapes("decoder.", WHISPER_DIMS)
-    whisper_state |= {key: random_tensor(key, shape, seed).to(dtype) for key, shape in decoder_shapes.items()}
+    # float16 as the official file (the 51866-row embedding is most of the file's size)
+    whisper_state |= {key: random_tensor(key, shape, seed).half() for key, shape in decoder_shapes.items()}
     dims = WHISPER_DIMS | {"n_audio_head": WHISPER_N_AUDIO_STATE // whisper_head_dim}
     torch.save({"dims": dims, "model_state_dict": whisper_state}, str(encoder_path))
 
