@@ -46,8 +46,11 @@ class EngineConfig:
 @dataclass
 class Models:
     """What the model thread owns: the speech LM, the units-to-audio decoder (None: units only, no audio),
-    and voices known by name besides the decoder directory's (e.g. a preset's)."""
+    voices known by name besides the decoder directory's (e.g. a preset's), and Whisper's text decoder for
+    user transcripts (None: transcripts fail with `transcriber_unavailable`, which says why and how to fix)."""
 
     lm: Any  # voice_agent.model.speech_lm.SpeechLM
     decoder: Any | None = None  # voice_agent.model.cosy2.decoder.Cosy2Decoder
     voices: dict[str, Any] = field(default_factory=dict)
+    transcriber: Any | None = None  # voice_agent.model.transcribe.Transcriber
+    transcriber_unavailable: str = "user transcripts: this engine loaded no Whisper text decoder"
