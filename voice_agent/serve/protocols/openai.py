@@ -302,7 +302,7 @@ class OpenAIRealtimeProtocol:
         if unknown:
             notes.append(FieldRejected(UNSUPPORTED, f"session: unknown fields {unknown} ignored"))
         if "model" in s:
-            config = dataclasses.replace(config, model=_string(s, "session.model", s["model"]))
+            config = dataclasses.replace(config, model=_string("session.model", s["model"]))
         for name in ("tracing", "truncation", "include", "prompt"):
             if name in s:
                 config = dataclasses.replace(config, **{name: s[name]})
@@ -829,9 +829,11 @@ def _bad(param: str, expected: str, got: Any) -> RealtimeRequestError:
 
 
 def _preview(value: Any, limit: int = 60) -> str:
-    text = value if isinstance(value, str) else json.dumps(value) if _jsonable(value) else repr(value)
-    return repr(text if len(text) <= limit else text[:limit] + "...") if isinstance(value, str) else \
-        (text if len(text) <= limit else text[:limit] + "...")
+    """A client value for an error message: a string quoted, anything else as JSON, cut to `limit`."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= limit else value[:limit] + "...")
+    text = json.dumps(value) if _jsonable(value) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _jsonable(value: Any) -> bool:
@@ -860,7 +862,7 @@ def _object(obj: dict[str, Any], name: str, *, required: bool = False, where: st
     return value
 
 
-def _string(obj: dict[str, Any], param: str, value: Any) -> str:
+def _string(param: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _bad(param, "a string", value)
     return value
