@@ -1,5 +1,6 @@
 """Engine: batched == sequential, multi-turn KV reuse == re-running the conversation, cancellation,
-history cuts, the context policy in use, admission, the asyncio API, and the server's build_engine."""
+history cuts, the context policy in use, admission, the asyncio API, the server's build_engine, and
+conversation items (text turns, edits, out-of-band replies, per-reply instructions)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from voice_agent.engine.api import AudioChunk, ResponseDone, TextDelta, TurnError, TurnSettings, UnitBlock
+from voice_agent.engine.api import (
+    AudioChunk,
+    HistoryItem,
+    ResponseDone,
+    TextDelta,
+    TurnError,
+    TurnSettings,
+    TurnTimings,
+    UnitBlock,
+)
 from voice_agent.engine.build import build_engine
 from voice_agent.engine.config import EngineConfig, Models
 from voice_agent.engine.files import demo_cache_dir
@@ -201,9 +211,9 @@ def test_cancel_mid_block_frees_everything_and_cuts_history_to_what_was_heard(mo
     assert isinstance(done, ResponseDone) and done.reason == "cancelled"
     assert not worker.busy and worker.turns == {} and worker.sessions["s"].turn is None
     assert turn.reply is None and turn.vocoder is None and not turn.chunks  # nothing of the turn is kept
-    assert conv.exchanges[-1].reply == reply.text_ids[:1]
+    assert conv.messages[-1].content == reply.text_ids[:1]
     assert done.text == models.lm.tok.decode(reply.text_ids[:1])
-    assert conv.kv_len == conv.length  # the heard token was fed: the KV matches the cut history
+    assert conv.kv_len == conv.length - len(conv.fmt.footer)  # the heard token was fed: only the footer is new
     n_events = len(cap.events)
     worker.step()
     assert len(cap.events) == n_events  # nothing arrives after the end
@@ -221,11 +231,11 @@ def test_cancel_after_the_reply_ended_still_cuts_it(models: Models) -> None:
     cap = submit(worker, "s", speech(8), 41)
     run(worker, {"s": cap})
     conv = worker.sessions["s"].conversation
-    assert conv is not None and len(conv.exchanges[-1].reply) == 6
+    assert conv is not None and len(conv.messages[-1].content) == 6
     n_events = len(cap.events)
     worker.cancel("s", played_ms=400.0)  # the first block (3 tokens) heard
-    assert conv.exchanges[-1].reply == cap.reply.text_ids[:3]  # type: ignore[union-attr]
-    assert conv.kv_len == conv.length
+    assert conv.messages[-1].content == cap.reply.text_ids[:3]  # type: ignore[union-attr]
+    assert conv.kv_len == conv.length - len(conv.fmt.footer)
     assert len(cap.events) == n_events  # a late cut sends nothing
 
 
@@ -234,7 +244,7 @@ def test_context_budget_drops_the_oldest_turns_and_the_session_goes_on(models: M
     worker.open("s", 0, None)
     conv = worker.sessions["s"].conversation
     assert conv is not None
-    head, trimmed_turns = len(conv.fmt.head), 0
+    head, trimmed_turns = len(conv.fmt.system), 0
     for i in range(4):
         before, dropped = worker.stats.prefill_tokens, conv.dropped
         cap = submit(worker, "s", speech(10 + i), 50 + i, forced=ForcedLength(3, 5))
@@ -242,12 +252,13 @@ def test_context_budget_drops_the_oldest_turns_and_the_session_goes_on(models: M
         assert isinstance(cap.done, ResponseDone), cap.done
         assert conv.length <= 700
         prefilled = worker.stats.prefill_tokens - before
+        reply_start = conv.position(len(conv.messages) - 1) + len(conv.fmt.headers["assistant"])
         if conv.dropped > dropped:  # the kept history is re-prefilled once, after the system block
             trimmed_turns += 1
-            assert prefilled == conv.reply_start - head
+            assert prefilled == reply_start - head
         else:
-            assert prefilled < conv.reply_start - head or i == 0
-    assert trimmed_turns >= 1 and len(conv.exchanges) < 4
+            assert prefilled < reply_start - head or i == 0
+    assert trimmed_turns >= 1 and sum(m.role == "user" for m in conv.messages) < 4
 
 
 def test_a_turn_too_long_for_the_context_fails_alone(models: Models) -> None:
@@ -256,7 +267,7 @@ def test_a_turn_too_long_for_the_context_fails_alone(models: Models) -> None:
     cap = submit(worker, "s", speech(1), 1)
     run(worker, {"s": cap})
     assert isinstance(cap.done, TurnError) and cap.done.code == "context_overflow"
-    assert worker.sessions["s"].conversation.exchanges == []  # type: ignore[union-attr]
+    assert worker.sessions["s"].conversation.messages == []  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------------------------------------- asyncio API
@@ -407,3 +418,126 @@ def test_server_options_reach_the_engine(tiny_root: Path, monkeypatch: pytest.Mo
         ServerConfig(context_tokens=100)
     with pytest.raises(ConfigError, match="encoder-input"):
         ServerConfig(encoder_input="short")
+
+
+# ---------------------------------------------------------------------------------------------- items
+GREEDY = TurnSettings(temperature=0.0, seed=3)
+
+
+def respond_to(worker: ModelWorker, item_id: str, *, keep: bool = True, instructions: str | None = None,
+            forced: ForcedLength | None = ForcedLength(5, 8)) -> Capture:
+    cap = Capture()
+    worker.respond("s", GREEDY, TurnTimings(0.0), forced, cap.events.append, item_id=item_id, keep=keep,
+                   instructions=instructions)
+    run(worker, {"s": cap})
+    assert isinstance(cap.done, ResponseDone), cap.done
+    return cap
+
+
+def item_session(models: Models, items: list[HistoryItem]) -> ModelWorker:
+    worker = make_worker(models)
+    worker.open("s", 0, None)
+    for item in items:
+        worker.add_item("s", item, None)
+    return worker
+
+
+def ids(worker: ModelWorker) -> list[str]:
+    conv = worker.sessions["s"].conversation
+    assert conv is not None
+    return [m.id for m in conv.messages]
+
+
+HISTORY = [HistoryItem("sys", "system", text="Answer in one word."), HistoryItem("u1", "user", text="Hello there"),
+           HistoryItem("a1", "assistant", text="Hi."), HistoryItem("u2", "user", audio=speech(2))]
+
+
+def test_a_text_turn_is_read_as_text_and_its_reply_joins_the_history(models: Models) -> None:
+    worker = item_session(models, [HistoryItem("u1", "user", text="What time is it?")])
+    cap = respond_to(worker, "a1")
+    assert cap.done.output_tokens == 5 and cap.done.input_tokens > 0 and cap.audio().size > 0
+    assert ids(worker) == ["u1", "a1"]
+    other = item_session(models, [HistoryItem("u1", "user", text="Tell me a story.")])
+    text = respond_to(other, "a1").reply
+    assert text is not None and cap.reply is not None  # the words reach the LLM: its states differ
+    assert not torch.allclose(text.hiddens[0], cap.reply.hiddens[0])
+
+
+def test_kv_reuse_after_edits_equals_rerunning_the_whole_conversation(models: Models) -> None:
+    def last_reply(drop_kv: bool) -> tuple[Capture, int]:
+        worker = item_session(models, HISTORY)
+        respond_to(worker, "a2")
+        worker.add_item("s", HistoryItem("u3", "user", text="And then?"), None)
+        worker.delete_item("s", "a1")
+        worker.add_item("s", HistoryItem("note", "system", text="Be kind."), "u1")
+        conv = worker.sessions["s"].conversation
+        assert conv is not None
+        if drop_kv:
+            conv.kv_len = 0
+        before = worker.stats.prefill_tokens
+        cap = respond_to(worker, "a3")
+        assert ids(worker) == ["sys", "u1", "note", "u2", "a2", "u3", "a3"]
+        return cap, worker.stats.prefill_tokens - before
+
+    reused, reused_prefill = last_reply(False)
+    rerun, rerun_prefill = last_reply(True)
+    assert 0 < reused_prefill < rerun_prefill
+    assert reused.reply is not None and rerun.reply is not None
+    assert reused.reply.text_ids == rerun.reply.text_ids
+    torch.testing.assert_close(torch.stack(reused.reply.hiddens), torch.stack(rerun.reply.hiddens),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_an_out_of_band_reply_leaves_the_history_as_it_was(models: Models) -> None:
+    with_oob = item_session(models, HISTORY)
+    respond_to(with_oob, "oob", keep=False, instructions="Summarise the conversation.")
+    assert ids(with_oob) == [item.id for item in HISTORY]
+    after = respond_to(with_oob, "a2")
+    plain = item_session(models, HISTORY)
+    expected = respond_to(plain, "a2")
+    assert after.reply is not None and expected.reply is not None
+    assert after.reply.text_ids == expected.reply.text_ids
+    torch.testing.assert_close(torch.stack(after.reply.hiddens), torch.stack(expected.reply.hiddens),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_per_reply_instructions_change_that_reply_only(models: Models) -> None:
+    worker = item_session(models, HISTORY)
+    own = respond_to(worker, "a2", instructions="Speak like a pirate.")
+    conv, run_session = worker.sessions["s"].conversation, worker.sessions["s"]
+    assert conv is not None and conv.fmt is run_session.fmt  # back to the session's system block
+    plain = item_session(models, HISTORY)
+    default = respond_to(plain, "a2")
+    assert own.reply is not None and default.reply is not None
+    assert not torch.allclose(own.reply.hiddens[0], default.reply.hiddens[0])
+
+
+def test_truncate_cuts_a_finished_reply_and_set_instructions_rebuilds_the_prompt(models: Models) -> None:
+    worker = item_session(models, [HistoryItem("u1", "user", audio=speech(1))])
+    cap = respond_to(worker, "a1", forced=ForcedLength(9, 8))
+    conv = worker.sessions["s"].conversation
+    assert conv is not None and len(conv.messages[-1].content) == 9
+    worker.truncate_item("s", "a1", 400.0)  # the first block: 3 tokens heard
+    assert conv.messages[-1].content == cap.reply.text_ids[:3]  # type: ignore[union-attr]
+    worker.truncate_item("s", "a1", 10_000.0)  # never grows back
+    assert len(conv.messages[-1].content) == 3
+    worker.truncate_item("s", "missing", 10.0)  # unknown ids are ignored
+    worker.set_instructions("s", "You are a terse assistant.")
+    assert conv.kv_len < len(conv.fmt.system) + 1
+    assert isinstance(respond_to(worker, "a2").done, ResponseDone)
+
+
+def test_a_speech_turn_that_fails_forgets_its_user_item(models: Models) -> None:
+    worker = make_worker(models, context_tokens=200)
+    worker.open("s", 0, None)
+    cap = Capture()
+    worker.submit("s", GREEDY, speech(1), TurnTimings(0.0), ForcedLength(3, 5), cap.events.append, item_id="u1")
+    run(worker, {"s": cap})
+    assert cap.done.code == "context_overflow" and ids(worker) == []
+
+
+@pytest.mark.parametrize("bad", [dict(role="robot", text="x"), dict(role="assistant", audio=np.zeros(10)),
+                                 dict(role="user"), dict(role="user", text="a", audio=np.zeros(3))])
+def test_history_items_are_checked_when_built(bad: dict[str, Any]) -> None:
+    with pytest.raises(TurnRejected, match="expected"):
+        HistoryItem("x", **bad)

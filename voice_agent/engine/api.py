@@ -16,7 +16,7 @@ Nothing here touches torch or sockets.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
@@ -109,12 +109,17 @@ class AudioChunk:
 class ResponseDone:
     """The turn ended. `reason`: 'eos' (the model finished), 'max_tokens', or 'cancelled'.
 
-    `text` is what stays in the conversation history (cut to what was heard when cancelled)."""
+    `text` is what stays in the conversation history (cut to what was heard when cancelled; for an
+    out-of-band reply, which joins no history, what was generated). `input_tokens`: the prompt positions
+    the reply read (the whole conversation, speech positions included); `output_tokens`: the text tokens
+    it generated."""
 
     text: str
     reason: Literal["eos", "max_tokens", "cancelled"]
     timings: TurnTimings
     audio_ms: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
     kind: Literal["response_done"] = "response_done"
 
 
@@ -130,15 +135,115 @@ class TurnError:
 EngineEvent = TextDelta | UnitBlock | AudioChunk | ResponseDone | TurnError
 
 
+# ---- conversation items and user transcripts ---------------------------------------------------------
+
+ROOT = "root"  # `after=ROOT`: insert an item at the start of the conversation (after the system prompt)
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    """One message of a session's conversation, as a client may place it.
+
+    `role` 'user' carries `text` or `audio` (16 kHz float32 mono speech, checked like a turn's audio);
+    'assistant' and 'system' carry `text`. `transcribe`: a user audio item gets a transcript
+    (`Transcript*` events to the session's `on_transcript`) once it is encoded."""
+
+    id: str
+    role: Literal["user", "assistant", "system"]
+    text: str | None = None
+    audio: np.ndarray | None = None
+    transcribe: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.id, str) and 1 <= len(self.id) <= MAX_ITEM_ID_CHARS):
+            raise TurnRejected(f"item id: expected a string of 1..{MAX_ITEM_ID_CHARS} characters, "
+                               f"got {_preview(self.id)}")
+        if self.role not in ("user", "assistant", "system"):
+            raise TurnRejected(f"role: expected 'user', 'assistant' or 'system', got {_preview(self.role)}")
+        if (self.text is None) == (self.audio is None):
+            raise TurnRejected(f"item {self.id}: expected exactly one of text or audio")
+        if self.audio is not None and self.role != "user":
+            raise TurnRejected(f"item {self.id}: expected audio only on a user item, got a {self.role} item")
+        if self.text is not None and not isinstance(self.text, str):
+            raise TurnRejected(f"item {self.id}: text: expected a string, got {type(self.text).__name__}")
+
+
+MAX_ITEM_ID_CHARS = 64
+
+
+@dataclass(frozen=True)
+class TranscriptDelta:
+    """More of a user audio item's transcript."""
+
+    item_id: str
+    delta: str
+    kind: Literal["transcript_delta"] = "transcript_delta"
+
+
+@dataclass(frozen=True)
+class TranscriptDone:
+    """A user audio item's whole transcript; `audio_seconds` is the speech it transcribed."""
+
+    item_id: str
+    text: str
+    audio_seconds: float
+    kind: Literal["transcript_done"] = "transcript_done"
+
+
+@dataclass(frozen=True)
+class TranscriptFailed:
+    """No transcript for this item (e.g. the Whisper decoder weights are absent); `message` says why."""
+
+    item_id: str
+    code: str
+    message: str
+    kind: Literal["transcript_failed"] = "transcript_failed"
+
+
+TranscriptEvent = TranscriptDelta | TranscriptDone | TranscriptFailed
+
+
 class EngineSession(Protocol):
-    """One conversation on the engine: its history and KV cache live until `close()`."""
+    """One conversation on the engine: its history and KV cache live until `close()`.
+
+    The history is an ordered list of `HistoryItem`s with client-chosen ids. Item operations
+    (`add_item`, `delete_item`, `truncate_item`, `set_instructions`) apply in the order they are called,
+    before the next response reads the history; an operation naming an unknown item is ignored (the
+    caller keeps the authoritative list of ids). A response (`respond`) reads the whole history and, unless
+    `keep=False` (out of band), appends its reply as an assistant item `item_id` when it ends."""
 
     id: str
 
     def submit_turn(
-        self, audio: np.ndarray, settings: TurnSettings, *, speech_end: float | None = None
+        self, audio: np.ndarray, settings: TurnSettings, *, speech_end: float | None = None,
+        item_id: str | None = None, reply_id: str | None = None, transcribe: bool = False,
     ) -> AsyncIterator[EngineEvent]:
-        """Start a turn on 16 kHz float32 mono speech; raises TurnRejected if one is running."""
+        """Start a turn on 16 kHz float32 mono speech: `add_item` of a user audio item (`item_id`, default a
+        fresh id) then `respond` (reply item `reply_id`, default a fresh id). Raises TurnRejected if a
+        response is running."""
+        ...
+
+    def add_item(self, item: HistoryItem, *, after: str | None = None) -> None:
+        """Insert `item` after item `after` (None: at the end; ROOT: first)."""
+        ...
+
+    def delete_item(self, item_id: str) -> None: ...
+
+    def truncate_item(self, item_id: str, audio_ms: float) -> None:
+        """Keep only what the first `audio_ms` of assistant item `item_id`'s audio said (as `cancel`)."""
+        ...
+
+    def set_instructions(self, text: str | None) -> None:
+        """The session's system prompt from now on (None: the server's)."""
+        ...
+
+    def respond(
+        self, settings: TurnSettings, *, item_id: str, instructions: str | None = None, keep: bool = True,
+        speech_end: float | None = None,
+    ) -> AsyncIterator[EngineEvent]:
+        """Generate a reply to the history as it is. `instructions` replaces the system prompt for this
+        reply only; `keep=False` leaves the history untouched (the reply joins nothing). Raises
+        TurnRejected if a response is running."""
         ...
 
     def cancel(self, played_ms: float | None = None) -> None:
@@ -192,8 +297,12 @@ class Engine(Protocol):
         """Stop the engine and release the model."""
         ...
 
-    def open_session(self, *, system_prompt: str | None = None) -> EngineSession:
-        """Raises AdmissionError when the engine is full."""
+    def open_session(
+        self, *, system_prompt: str | None = None,
+        on_transcript: Callable[[TranscriptEvent], None] | None = None,
+    ) -> EngineSession:
+        """Raises AdmissionError when the engine is full. `on_transcript` gets the session's transcript
+        events on the event loop (None: transcripts are not made)."""
         ...
 
 

@@ -1,8 +1,9 @@
 """The asyncio side of the engine: sessions whose calls post commands to the model thread.
 
-`LocalSession` (the `EngineSession` of api.py) never blocks the event loop: `submit_turn`, `cancel` and
-`close` check what they can at once (`check_turn_audio`, the engine's settings check) and post a command
-(`Open`, `Submit`, `Cancel`, `Close`, `Stop`) that the model thread applies before its next step. Each
+`LocalSession` (the `EngineSession` of api.py) never blocks the event loop: its calls check what they can
+at once (`check_turn_audio`, the engine's settings check) and post a command (`Open`, `Submit`, `Respond`,
+`AddItem`, `DeleteItem`, `TruncateItem`, `SetInstructions`, `Cancel`, `Close`, `Stop`) that the model thread
+applies, in order, before its next step. Each
 turn's events come back through `loop.call_soon_threadsafe` into that turn's `TurnStream`, read as an
 async iterator that ends after `ResponseDone` or `TurnError`.
 """
@@ -18,7 +19,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from voice_agent.audio import INPUT_SAMPLE_RATE, MAX_INPUT_SAMPLES, MAX_INPUT_SECONDS
-from voice_agent.engine.api import EngineEvent, ResponseDone, TurnError, TurnSettings, TurnTimings
+from voice_agent.engine.api import (
+    EngineEvent,
+    HistoryItem,
+    ResponseDone,
+    TranscriptEvent,
+    TurnError,
+    TurnSettings,
+    TurnTimings,
+)
 from voice_agent.errors import TurnRejected
 
 
@@ -27,6 +36,7 @@ from voice_agent.errors import TurnRejected
 class Open:
     session: LocalSession
     system_prompt: str | None
+    on_transcript: Callable[[TranscriptEvent], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,46 @@ class Submit:
     timings: TurnTimings
     forced: Any | None  # voice_agent.engine.reply.ForcedLength
     emit: Callable[[EngineEvent], None]
+    item_id: str | None = None
+    reply_id: str | None = None
+    transcribe: bool = False
+
+
+@dataclass(frozen=True)
+class Respond:
+    session: LocalSession
+    settings: TurnSettings
+    timings: TurnTimings
+    emit: Callable[[EngineEvent], None]
+    item_id: str
+    instructions: str | None
+    keep: bool
+
+
+@dataclass(frozen=True)
+class AddItem:
+    session: LocalSession
+    item: HistoryItem
+    after: str | None
+
+
+@dataclass(frozen=True)
+class DeleteItem:
+    session: LocalSession
+    item_id: str
+
+
+@dataclass(frozen=True)
+class TruncateItem:
+    session: LocalSession
+    item_id: str
+    audio_ms: float
+
+
+@dataclass(frozen=True)
+class SetInstructions:
+    session: LocalSession
+    text: str | None
 
 
 @dataclass(frozen=True)
@@ -99,13 +149,48 @@ class LocalSession:
         self._closed = False
 
     def submit_turn(self, audio: np.ndarray, settings: TurnSettings, *, speech_end: float | None = None,
+                    item_id: str | None = None, reply_id: str | None = None, transcribe: bool = False,
                     forced: Any | None = None) -> TurnStream:
         """Start a turn on 16 kHz float32 mono speech. `forced` (a ForcedLength) is for benchmarks."""
+        pcm = check_turn_audio(audio)
+        stream, timings, emit = self._begin(settings, speech_end, forced)
+        self._engine.post(Submit(self, pcm, settings, timings, forced, emit, item_id, reply_id, transcribe))
+        return stream
+
+    def respond(self, settings: TurnSettings, *, item_id: str, instructions: str | None = None, keep: bool = True,
+                speech_end: float | None = None) -> TurnStream:
+        stream, timings, emit = self._begin(settings, speech_end, None)
+        self._engine.post(Respond(self, settings, timings, emit, item_id, instructions, keep))
+        return stream
+
+    def add_item(self, item: HistoryItem, *, after: str | None = None) -> None:
+        if item.audio is not None:
+            item = HistoryItem(item.id, item.role, audio=check_turn_audio(item.audio), transcribe=item.transcribe)
+        self._post_edit(AddItem(self, item, after))
+
+    def delete_item(self, item_id: str) -> None:
+        self._post_edit(DeleteItem(self, item_id))
+
+    def truncate_item(self, item_id: str, audio_ms: float) -> None:
+        if not (isinstance(audio_ms, (int, float)) and audio_ms >= 0):
+            raise ValueError(f"audio_ms: expected a number >= 0, got {audio_ms!r}")
+        self._post_edit(TruncateItem(self, item_id, float(audio_ms)))
+
+    def set_instructions(self, text: str | None) -> None:
+        self._post_edit(SetInstructions(self, text))
+
+    def _post_edit(self, command: Any) -> None:
+        if self._closed:
+            raise TurnRejected(f"session {self.id} is closed")
+        self._engine.post(command)
+
+    def _begin(self, settings: TurnSettings, speech_end: float | None,
+               forced: Any | None) -> tuple[TurnStream, TurnTimings, Callable[[EngineEvent], None]]:
+        """Checks for a new response, and its stream, timings and the model thread's way to reach it."""
         if self._closed:
             raise TurnRejected(f"session {self.id} is closed")
         if self._running:
             raise TurnRejected(f"session {self.id}: a turn is already running; cancel it or wait for its end")
-        pcm = check_turn_audio(audio)
         self._engine.check_settings(settings, forced)
         loop = asyncio.get_running_loop()
         stream = TurnStream()
@@ -124,8 +209,7 @@ class LocalSession:
                 pass
 
         self._running = True
-        self._engine.post(Submit(self, pcm, settings, timings, forced, emit))
-        return stream
+        return stream, timings, emit
 
     def cancel(self, played_ms: float | None = None) -> None:
         if played_ms is not None and not (isinstance(played_ms, (int, float)) and played_ms >= 0):

@@ -7,7 +7,8 @@ throttle its spinning, and batch-1 steps then run about 3x slower (measured), so
 asyncio side (`LocalSession` in sessions.py, the `EngineSession` of api.py): their calls only post commands to
 the model thread and never block the loop.
 
-The model thread loops: apply the posted commands (open, submit, cancel, close), then one step,
+The model thread loops: apply the posted commands (open, item edits, submit / respond, cancel, close), in
+order, then one step,
 schedule -> run -> postprocess (scheduler.py has the policy):
 
 1. admit: the new turns' audio through mel, encoder and adapter in one batch, their new prompt positions
@@ -52,11 +53,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from voice_agent.engine.api import EngineInfo, TurnError, TurnSettings, TurnTimings
+from voice_agent.engine.api import EngineInfo, TranscriptEvent, TurnError, TurnSettings, TurnTimings
 from voice_agent.engine.config import EngineConfig, Models
 from voice_agent.engine.files import directory_voices
 from voice_agent.engine.scheduler import SlotPool, slots_for_budget
-from voice_agent.engine.sessions import Cancel, Close, LocalSession, Open, Stop, Submit
+from voice_agent.engine.sessions import (
+    AddItem,
+    Cancel,
+    Close,
+    DeleteItem,
+    LocalSession,
+    Open,
+    Respond,
+    SetInstructions,
+    Stop,
+    Submit,
+    TruncateItem,
+)
 from voice_agent.errors import AdmissionError, TurnRejected, error_code
 
 log = logging.getLogger(__name__)
@@ -132,7 +145,8 @@ class Engine:
         await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
 
     # ---------------------------------------------------------------- sessions
-    def open_session(self, *, system_prompt: str | None = None) -> LocalSession:
+    def open_session(self, *, system_prompt: str | None = None,
+                     on_transcript: Callable[[TranscriptEvent], None] | None = None) -> LocalSession:
         if not self.ready or self._pool is None:
             reason = f"failed to load: {self.load_error}" if self.load_error else "still loading the model"
             raise AdmissionError(f"the engine is not ready ({reason})")
@@ -141,7 +155,7 @@ class Engine:
             session_id = f"s{self._ids}"
         slot = self._pool.acquire(session_id)
         session = LocalSession(self, session_id, slot)
-        self.post(Open(session, system_prompt))
+        self.post(Open(session, system_prompt, None if on_transcript is None else _on_loop(on_transcript)))
         return session
 
     def post(self, command: Any) -> None:
@@ -254,14 +268,22 @@ class Engine:
     def _apply(self, worker: Any, command: Any) -> None:
         try:
             if isinstance(command, Open):
-                worker.open(command.session.id, command.session.slot, command.system_prompt)
+                worker.open(command.session.id, command.session.slot, command.system_prompt, command.on_transcript)
             elif isinstance(command, Submit):
-                seed = command.settings.seed
-                if seed is None:
-                    seed = random.SystemRandom().randrange(1 << 31)
-                settings = replace(command.settings, seed=seed)
-                worker.submit(command.session.id, settings, command.audio, command.timings, command.forced,
-                              command.emit)
+                worker.submit(command.session.id, _seeded(command.settings), command.audio, command.timings,
+                              command.forced, command.emit, item_id=command.item_id, reply_id=command.reply_id,
+                              transcribe=command.transcribe)
+            elif isinstance(command, Respond):
+                worker.respond(command.session.id, _seeded(command.settings), command.timings, None, command.emit,
+                               item_id=command.item_id, instructions=command.instructions, keep=command.keep)
+            elif isinstance(command, AddItem):
+                worker.add_item(command.session.id, command.item, command.after)
+            elif isinstance(command, DeleteItem):
+                worker.delete_item(command.session.id, command.item_id)
+            elif isinstance(command, TruncateItem):
+                worker.truncate_item(command.session.id, command.item_id, command.audio_ms)
+            elif isinstance(command, SetInstructions):
+                worker.set_instructions(command.session.id, command.text)
             elif isinstance(command, Cancel):
                 worker.cancel(command.session.id, command.played_ms)
             elif isinstance(command, Close):
@@ -270,5 +292,25 @@ class Engine:
                 command.closed()
         except Exception as e:  # noqa: BLE001 - a bad command fails only its own turn
             log.exception("engine: command %s failed", type(command).__name__)
-            if isinstance(command, Submit):
+            if isinstance(command, (Submit, Respond)):
                 command.emit(TurnError(error_code(e), str(e)))
+
+
+def _seeded(settings: TurnSettings) -> TurnSettings:
+    """A turn's settings with a seed (a random one unless the client chose it)."""
+    if settings.seed is not None:
+        return settings
+    return replace(settings, seed=random.SystemRandom().randrange(1 << 31))
+
+
+def _on_loop(callback: Callable[[Any], None]) -> Callable[[Any], None]:
+    """`callback` called on the current event loop, from any thread (a closed loop drops the call)."""
+    loop = asyncio.get_running_loop()
+
+    def post(event: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(callback, event)
+        except RuntimeError:
+            pass
+
+    return post

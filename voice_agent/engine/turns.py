@@ -1,8 +1,10 @@
 """What the model thread keeps per session and per turn in flight (worker.py drives them).
 
-`SessionRun`: a session's KV slot, its conversation and the last reply's cut points (`Heard`, for a cut that
-comes after the reply ended). `TurnRun`: one turn from submission to its last event: the reply being
-generated, the vocoder stream, unit chunks waiting for the vocoder and the audio sent so far.
+`SessionRun`: a session's KV slot, its conversation, its own prompt format (system block), the id of its last
+reply (for a cut that comes after the reply ended) and where its transcripts go. `TurnRun`: one response
+from submission to its last event: where its reply joins the history, the reply being generated, the
+vocoder stream, unit chunks waiting for the vocoder and the audio sent so far. Each reply the model
+generated keeps its cut points (`Heard`) on its message, for a cut that comes later.
 """
 
 from __future__ import annotations
@@ -12,11 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from voice_agent.audio import OUTPUT_SAMPLES_PER_MS
-from voice_agent.engine.api import EngineEvent, TurnSettings, TurnTimings
-from voice_agent.engine.conversation import Conversation
+from voice_agent.engine.api import EngineEvent, TranscriptEvent, TurnSettings, TurnTimings
+from voice_agent.engine.conversation import Conversation, PromptFormat
 from voice_agent.engine.reply import ForcedLength, Reply
 from voice_agent.engine.scheduler import TurnPhase
 
@@ -52,7 +52,10 @@ class SessionRun:
     conversation: Conversation | None  # None when the session's prompt could not be built
     broken: str = ""
     turn: TurnRun | None = None
-    last: Heard | None = None
+    last_reply: str | None = None  # the id of the last reply that joined the history
+    fmt: PromptFormat | None = None  # the session's own format (its system prompt)
+    on_transcript: Callable[[TranscriptEvent], None] | None = None
+    transcripts_failed: bool = False  # a failure is reported once per session
 
 
 @dataclass(eq=False)
@@ -61,13 +64,17 @@ class TurnRun:
 
     id: int
     session: SessionRun
-    audio: np.ndarray | None
+    item_id: str  # the reply's message id
+    keep: bool  # the reply joins the history (False: out of band)
+    fmt: PromptFormat | None  # a format for this reply only (its own instructions), else None
     settings: TurnSettings
     timings: TurnTimings
     forced: ForcedLength | None
     emit: Callable[[EngineEvent], None]
     max_new_tokens: int
-    begun: bool = False  # the user turn joined the conversation
+    after: str = ""  # the message the reply follows (set at admission)
+    user_item: str | None = None  # a speech turn's user message: forgotten if the reply fails or never starts
+    input_tokens: int = 0
     reply: Reply | None = None
     reply_start: int = 0
     vocoder: Any = None

@@ -19,16 +19,21 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from voice_agent.audio import INPUT_SAMPLE_RATE
 from voice_agent.engine.api import (
+    ROOT,
     AudioChunk,
     EngineEvent,
+    HistoryItem,
     ResponseDone,
     TextDelta,
+    TranscriptEvent,
+    TranscriptFailed,
     TurnError,
     TurnSettings,
     TurnTimings,
@@ -38,6 +43,7 @@ from voice_agent.engine.config import EngineConfig, Models
 from voice_agent.engine.conversation import (
     ContextPolicy,
     Conversation,
+    Message,
     PromptFormat,
     Speech,
     flatten_items,
@@ -57,7 +63,7 @@ from voice_agent.engine.reply import (
     prefill,
 )
 from voice_agent.engine.scheduler import Scheduler, TurnPhase, TurnView
-from voice_agent.engine.turns import SessionRun, StepStats, TurnRun, heard_of, replies_of
+from voice_agent.engine.turns import Heard, SessionRun, StepStats, TurnRun, heard_of, replies_of
 from voice_agent.engine.vocoder import open_stream
 from voice_agent.errors import error_code
 from voice_agent.model.qwen2 import KVCache
@@ -66,6 +72,9 @@ from voice_agent.model.tokenizer import SPEECH_TOKEN_INDEX, Turn
 log = logging.getLogger(__name__)
 
 WARMUP_SESSION = "warm-up"
+MAX_FORMATS = 64  # prompt formats (one per distinct system prompt) kept
+TRANSCRIPT_TOKENS_BUSY = 2  # transcript tokens decoded per step while replies stream
+TRANSCRIPT_TOKENS_IDLE = 16  # ... and per step when no reply runs
 
 
 class ModelWorker:
@@ -97,6 +106,8 @@ class ModelWorker:
         self._formats: dict[str | None, PromptFormat] = {}
         self._voices: dict[str, torch.Tensor] = {}
         self._arrivals = 0
+        self.to_encode: list[tuple[SessionRun, Message]] = []  # speech to encode for a transcript
+        self.transcripts: Any = None  # voice_agent.engine.transcripts.Transcripts, when models carry a transcriber
         self.llm_cache: KVCache | None = None
         self.tts_cache: KVCache | None = None
 
@@ -107,7 +118,8 @@ class ModelWorker:
 
     @property
     def busy(self) -> bool:
-        return bool(self.turns)
+        """Work is left: a turn, speech to encode for a transcript, or a transcript to decode."""
+        return bool(self.turns or self.to_encode or (self.transcripts is not None and self.transcripts.busy))
 
     @property
     def _llm_cache(self) -> KVCache:
@@ -141,36 +153,104 @@ class ModelWorker:
         return next((e for e in events if isinstance(e, TurnError)), None)
 
     # ---------------------------------------------------------------- commands
-    def open(self, session_id: str, slot: int, system_prompt: str | None) -> None:
-        session = SessionRun(session_id, slot, None)
+    def open(self, session_id: str, slot: int, system_prompt: str | None,
+             on_transcript: Callable[[TranscriptEvent], None] | None = None) -> None:
+        session = SessionRun(session_id, slot, None, on_transcript=on_transcript)
         try:
             policy = ContextPolicy(self.context_tokens, self.config.context_low_water)
-            session.conversation = Conversation(self._format(system_prompt), policy)
+            session.fmt = self._format(system_prompt)
+            session.conversation = Conversation(session.fmt, policy)
         except Exception as e:  # noqa: BLE001 - reported on every turn of this session
             session.broken = f"the session's prompt cannot be built: {e}"
         self.sessions[session_id] = session
 
+    def add_item(self, session_id: str, item: HistoryItem, after: str | None) -> None:
+        """Insert a message (see EngineSession.add_item); user speech is encoded at the next step that
+        needs it, or at once when it is to be transcribed."""
+        session = self.sessions.get(session_id)
+        if session is None or session.conversation is None:
+            return
+        content: list[int] | Speech
+        if item.audio is not None:
+            content = Speech(None, self.lm.speech_positions(len(item.audio)), item.audio)
+        else:
+            content = self.lm.tok.text_ids(item.text or "")
+        message = Message(item.id, item.role, content, transcribe=item.transcribe and item.audio is not None)
+        session.conversation.insert(message, after, ROOT)
+        if message.transcribe:
+            self.to_encode.append((session, message))
+
+    def delete_item(self, session_id: str, item_id: str) -> None:
+        session = self.sessions.get(session_id)
+        if session is not None and session.conversation is not None:
+            session.conversation.delete(item_id)
+
+    def truncate_item(self, session_id: str, item_id: str, audio_ms: float) -> None:
+        """Cut a reply the model generated to what `audio_ms` of its audio said (a running reply: cancel it)."""
+        session = self.sessions.get(session_id)
+        if session is None or session.conversation is None:
+            return
+        turn = session.turn
+        if turn is not None and turn.item_id == item_id:
+            self.cancel(session_id, audio_ms)
+            return
+        conv = session.conversation
+        i = conv.index(item_id)
+        heard = conv.messages[i].heard if i is not None else None
+        if heard is not None:
+            conv.cut(item_id, heard_tokens(audio_ms, heard.reads, heard.blocks, heard.text_tokens, True))
+
+    def set_instructions(self, session_id: str, text: str | None) -> None:
+        session = self.sessions.get(session_id)
+        if session is None or session.conversation is None:
+            return
+        try:
+            session.fmt = self._format(text)
+        except Exception as e:  # noqa: BLE001 - reported on every turn of this session
+            session.broken = f"the session's prompt cannot be built: {e}"
+            return
+        if session.turn is None:
+            session.conversation.use_format(session.fmt)
+
     def submit(self, session_id: str, settings: TurnSettings, audio: np.ndarray, timings: TurnTimings,
-               forced: ForcedLength | None, emit: Callable[[EngineEvent], None]) -> None:
+               forced: ForcedLength | None, emit: Callable[[EngineEvent], None], *, item_id: str | None = None,
+               reply_id: str | None = None, transcribe: bool = False) -> None:
+        """A user speech turn: the speech joins the history, then a reply to it."""
+        self._arrivals += 1
+        user = item_id or f"turn_{self._arrivals}"
+        self.add_item(session_id, HistoryItem(user, "user", audio=audio, transcribe=transcribe), None)
+        self.respond(session_id, settings, timings, forced, emit, item_id=reply_id or f"reply_{self._arrivals}")
+        turn = self.sessions[session_id].turn
+        if turn is not None:
+            turn.user_item = user
+
+    def respond(self, session_id: str, settings: TurnSettings, timings: TurnTimings, forced: ForcedLength | None,
+                emit: Callable[[EngineEvent], None], *, item_id: str, instructions: str | None = None,
+                keep: bool = True) -> None:
+        """A reply to the history as it is (see EngineSession.respond)."""
         session = self.sessions[session_id]
         if session.broken:
             emit(TurnError("prompt_error", session.broken))
             return
+        try:
+            fmt = None if instructions is None else self._format(instructions)
+        except Exception as e:  # noqa: BLE001 - this reply's instructions cannot be rendered
+            emit(TurnError("prompt_error", f"the response's instructions cannot be built: {e}"))
+            return
         self._arrivals += 1
         max_new = forced.text_tokens if forced else settings.max_new_tokens or self.config.max_new_tokens
-        turn = TurnRun(self._arrivals, session, audio, settings, timings, forced, emit, max_new)
-        session.turn, session.last = turn, None
+        turn = TurnRun(self._arrivals, session, item_id, keep, fmt, settings, timings, forced, emit, max_new)
+        session.turn, session.last_reply = turn, None
         self.turns[turn.id] = turn
 
     def cancel(self, session_id: str, played_ms: float | None) -> None:
         session = self.sessions.get(session_id)
         if session is None or session.conversation is None:
             return
-        turn, conv = session.turn, session.conversation
+        turn = session.turn
         if turn is None:  # the reply already ended: cut it to what was heard, until the next turn
-            if played_ms is not None and session.last is not None:
-                last = session.last
-                conv.cut_reply(heard_tokens(played_ms, last.reads, last.blocks, last.text_tokens, True))
+            if played_ms is not None and session.last_reply is not None:
+                self.truncate_item(session_id, session.last_reply, played_ms)
             return
         text = ""
         if turn.reply is not None:
@@ -178,16 +258,20 @@ class ModelWorker:
             h = heard_of(r)
             keep = h.text_tokens if played_ms is None else heard_tokens(played_ms, h.reads, h.blocks,
                                                                          h.text_tokens, r.done)
-            conv.finish_reply(r.text_ids[:keep], r.llm_len - turn.reply_start, self.lm.generation.eos_token_ids)
-            text = self.lm.tok.decode(conv.exchanges[-1].reply)
-        elif turn.begun:
-            conv.abort_turn()
+            text = self._join(turn, r.text_ids[:keep], h)
+        else:
+            self._forget_user(turn)
+        self._restore(turn)
         turn.timings.done = time.monotonic()
-        self._end(turn, ResponseDone(text, "cancelled", turn.timings, turn.audio_ms))
+        self._end(turn, ResponseDone(text, "cancelled", turn.timings, turn.audio_ms, turn.input_tokens,
+                                     len(turn.reply.text_ids) if turn.reply is not None else 0))
 
     def close(self, session_id: str) -> None:
         self.cancel(session_id, None)
         self.sessions.pop(session_id, None)
+        self.to_encode = [(s, m) for s, m in self.to_encode if s.id != session_id]
+        if self.transcripts is not None:
+            self.transcripts.forget(session_id)
 
     def close_all(self) -> None:
         for turn in list(self.turns.values()):
@@ -201,7 +285,7 @@ class ModelWorker:
     # ---------------------------------------------------------------- the step
     @torch.inference_mode()
     def step(self) -> None:
-        if not self.turns:
+        if not self.busy:
             return
         now = time.monotonic()
         began, before = time.perf_counter(), replace(self.stats)
@@ -213,7 +297,9 @@ class ModelWorker:
             # rows in slot order: consecutive slots read their KV as one view (qwen2.KVCache)
             return sorted(turns[: plan.max_batch], key=lambda t: t.session.slot)
 
-        self._guard(pick(plan.admit, lambda t: t.reply is None), self._admit)
+        admit = pick(plan.admit, lambda t: t.reply is None)
+        self._encode_pending([m for t in admit for m in self._pending(t.session)])
+        self._guard(admit, self._admit)
         self._guard(pick(plan.text, lambda t: t.reply is not None and t.reply.wants_text
                          and self.scheduler.text_allowed(t.reply.text_lead)), self._text)
         self._guard(pick(plan.tts, lambda t: t.reply is not None and t.reply.wants_tts), self._tts)
@@ -221,6 +307,7 @@ class ModelWorker:
         for turn in list(self.turns.values()):
             if turn.reply is not None and turn.reply.done and not turn.chunks:
                 self._finish(turn)
+        self._transcribe()
         if self.on_step is not None:
             s = self.stats
             self.on_step(time.perf_counter() - began, {
@@ -242,38 +329,101 @@ class ModelWorker:
         r = t.reply
         if r is None:
             conv = t.session.conversation
-            assert conv is not None and t.audio is not None
-            fmt = conv.fmt
-            pending = conv.length - conv.kv_len + len(fmt.reply_tail) + len(fmt.user_tail)
-            pending += self.lm.speech_positions(len(t.audio))
-            return TurnView(t.id, TurnPhase.QUEUED, t.id, prompt_tokens=pending)
+            assert conv is not None
+            pending = (conv.prompt_length if t.fmt is None else conv.prompt_length - len(conv.fmt.system)
+                       + len(t.fmt.system)) - conv.kv_len
+            return TurnView(t.id, TurnPhase.QUEUED, t.id, prompt_tokens=max(1, pending))
         started = t.timings.first_audio is not None
         ahead = t.audio_ms - 1000.0 * (now - t.timings.first_audio) if t.timings.first_audio is not None else 0.0
         return TurnView(t.id, t.phase, t.id, 0, r.wants_text, r.wants_tts, r.text_lead, bool(t.chunks), started, ahead)
 
+    # ---------------------------------------------------------------- speech in, transcripts out
+    def _pending(self, session: SessionRun) -> list[Message]:
+        conv = session.conversation
+        if conv is None:
+            return []
+        return [m for m in conv.messages if isinstance(m.content, Speech) and not m.content.encoded]
+
+    def _encode_pending(self, messages: list[Message]) -> None:
+        """Encode user speech (mel, encoder, adapter) in one batch: the messages given (those the turns being
+        admitted read) and any waiting for a transcript; a transcript job starts for each that wants one."""
+        waiting, self.to_encode = self.to_encode, []
+        owners = {id(m): s for s, m in waiting}
+        batch = {id(m): m for m in [*messages, *(m for _, m in waiting)]
+                 if isinstance(m.content, Speech) and not m.content.encoded}
+        if not batch:
+            return
+        rows = list(batch.values())
+        speeches = [m.content for m in rows]
+        assert all(isinstance(sp, Speech) for sp in speeches)
+        features = self.lm.speech_features([sp.audio for sp in speeches])  # type: ignore[union-attr]
+        k = self.lm.projector.k
+        for i, (m, sp) in enumerate(zip(rows, speeches, strict=True)):
+            assert isinstance(sp, Speech)
+            if features.lengths[i] != sp.length:
+                raise RuntimeError(f"speech of {len(sp.audio)} samples encoded to {features.lengths[i]} positions, "
+                                   f"expected {sp.length}")
+            sp.features, seconds, sp.audio = features.row(i), len(sp.audio) / INPUT_SAMPLE_RATE, None
+            session = owners.get(id(m)) or self._owner(m)
+            if m.transcribe and session is not None:
+                enc = features.encoder_out[i] if not self.lm.unpadded else features.encoder_out[i, : sp.length * k]
+                self._start_transcript(session, m.id, enc, seconds)
+
+    def _owner(self, message: Message) -> SessionRun | None:
+        return next((s for s in self.sessions.values() if s.conversation is not None
+                     and any(m is message for m in s.conversation.messages)), None)
+
+    def _start_transcript(self, session: SessionRun, item_id: str, encoder_out: torch.Tensor, seconds: float) -> None:
+        emit = session.on_transcript
+        if emit is None:
+            return
+        if self.transcripts is None or self.transcripts.unavailable:
+            if not session.transcripts_failed:  # once per session: some clients log every failure as an error
+                session.transcripts_failed = True
+                reason = self.transcripts.unavailable if self.transcripts is not None else "no transcriber"
+                emit(TranscriptFailed(item_id, "transcription_unavailable", reason))
+            return
+        self.transcripts.submit(session.id, item_id, encoder_out.clone(), seconds, emit)
+
+    def _transcribe(self) -> None:
+        """Decode transcripts when no reply waits for its first audio (or first units, without a vocoder):
+        a few tokens per step while replies stream, more when the engine has nothing else to do."""
+        if self.transcripts is None or not self.transcripts.busy:
+            return
+        def waiting(t: TurnRun) -> bool:
+            first = t.timings.first_audio if self.decoder is not None else t.timings.first_units
+            return t.reply is None or first is None
+
+        if any(waiting(t) for t in self.turns.values()):
+            return
+        self.transcripts.step(TRANSCRIPT_TOKENS_BUSY if self.turns else TRANSCRIPT_TOKENS_IDLE)
+
+    # ---------------------------------------------------------------- admission
     def _admit(self, turns: list[TurnRun]) -> None:
         lm, cfg = self.lm, self.config
-        features = lm.speech_features([t.audio for t in turns])
         now = time.monotonic()
         ready: list[TurnRun] = []
         embeds: list[torch.Tensor] = []
-        for i, t in enumerate(turns):
-            t.timings.encoder_done, t.audio = now, None
+        for t in turns:
+            t.timings.encoder_done = now
             conv, s = t.session.conversation, t.settings
             assert conv is not None and s.seed is not None
             try:
                 spk = self._voice(s.voice) if self.decoder is not None else None
-                new = conv.begin_turn(Speech(features.row(i), features.lengths[i]), t.max_new_tokens)
+                if t.fmt is not None:
+                    conv.use_format(t.fmt)
+                new = conv.begin_reply(t.max_new_tokens)
             except Exception as e:  # noqa: BLE001 - a bad voice or an overlong turn fails this turn only
                 self._fail(t, error_code(e, "turn_rejected"), str(e))
                 continue
-            t.begun = True
+            t.after = conv.messages[-1].id if conv.messages else ROOT
+            t.input_tokens = conv.prompt_length
             ids, speech = flatten_items(new.items, SPEECH_TOKEN_INDEX)
             embeds.append(lm.embed_prompt(ids, speech))
             t.reply = Reply.start(lm, llm_slot=t.session.slot, tts_slot=t.session.slot, llm_len=new.start,
                                   temperature=s.temperature, max_new_tokens=t.max_new_tokens, seed=s.seed,
                                   final_units=cfg.final_units, forced=t.forced)
-            t.reply_start = conv.length
+            t.reply_start = conv.prompt_length
             t.detok = lm.tok.detokenizer()
             if spk is not None:
                 assert self.decoder is not None
@@ -356,18 +506,45 @@ class ModelWorker:
                 t.samples_sent += len(pcm)
 
     # ---------------------------------------------------------------- endings
+    def _join(self, t: TurnRun, ids: list[int], heard: Heard) -> str:
+        """A reply's kept `ids` join the history (unless out of band); returns its text."""
+        conv, r = t.session.conversation, t.reply
+        assert conv is not None and r is not None
+        eos = self.lm.generation.eos_token_ids
+        kept = ids[:-1] if ids and ids[-1] in eos else list(ids)
+        if t.keep:
+            message = Message(t.item_id, "assistant", kept, heard=heard)
+            conv.add_reply(message, t.after, ROOT, t.reply_start, r.llm_len - t.reply_start, eos)
+            t.session.last_reply = t.item_id
+        else:
+            conv.end_reply()
+        return self.lm.tok.decode(kept)
+
+    def _restore(self, t: TurnRun) -> None:
+        """Back to the session's own system block after a reply with its own instructions."""
+        conv = t.session.conversation
+        if conv is None:
+            return
+        conv.end_reply()
+        if t.session.fmt is not None and conv.fmt is not t.session.fmt:
+            conv.use_format(t.session.fmt)
+
     def _finish(self, t: TurnRun) -> None:
-        r, conv = t.reply, t.session.conversation
-        assert r is not None and conv is not None and r.finish_reason is not None
-        conv.finish_reply(r.text_ids, r.llm_len - t.reply_start, self.lm.generation.eos_token_ids)
-        t.session.last = heard_of(r)
+        r = t.reply
+        assert r is not None and r.finish_reason is not None
+        text = self._join(t, r.text_ids, heard_of(r))
+        self._restore(t)
         t.timings.done = time.monotonic()
-        self._end(t, ResponseDone(self.lm.tok.decode(conv.exchanges[-1].reply), r.finish_reason, t.timings,
-                                  t.audio_ms))
+        self._end(t, ResponseDone(text, r.finish_reason, t.timings, t.audio_ms, t.input_tokens, len(r.text_ids)))
+
+    def _forget_user(self, t: TurnRun) -> None:
+        conv = t.session.conversation
+        if t.user_item is not None and conv is not None:
+            conv.delete(t.user_item)
 
     def _fail(self, t: TurnRun, code: str, message: str) -> None:
-        if t.begun and t.session.conversation is not None:
-            t.session.conversation.abort_turn()
+        self._forget_user(t)
+        self._restore(t)
         self._end(t, TurnError(code, message))
 
     def _end(self, t: TurnRun, event: EngineEvent) -> None:
@@ -375,7 +552,7 @@ class ModelWorker:
         self.turns.pop(t.id, None)
         if t.session.turn is t:
             t.session.turn = None
-        t.reply, t.vocoder, t.audio = None, None, None
+        t.reply, t.vocoder = None, None
         t.chunks.clear()
         if isinstance(event, ResponseDone) and self.on_done is not None:
             self.on_done(t.timings)
@@ -384,11 +561,15 @@ class ModelWorker:
     # ---------------------------------------------------------------- prompt and voice
     def _format(self, system: str | None) -> PromptFormat:
         if system not in self._formats:
+            tok = self.lm.tok
+
             def render(n: int) -> list[int]:
                 turns = [Turn.user()] + [t for _ in range(n - 1) for t in (Turn.assistant(""), Turn.user())]
-                return self.lm.tok.build_prompt(turns, system)
+                return tok.build_prompt(turns, system)
 
-            self._formats[system] = PromptFormat.derive(render, SPEECH_TOKEN_INDEX)
+            if len(self._formats) >= MAX_FORMATS:  # per-response instructions: keep the cache bounded
+                self._formats.pop(next(iter(self._formats)))
+            self._formats[system] = PromptFormat.derive(render, SPEECH_TOKEN_INDEX, tok.role_header)
         return self._formats[system]
 
     def _voice(self, name: str | None) -> torch.Tensor:

@@ -41,6 +41,7 @@ SPEECH_TOKEN = "<speech>"  # the user-turn content in the chat template (DEFAULT
 SPEECH_TOKEN_INDEX = -200  # replaces SPEECH_TOKEN's id in a prompt; the speech features go there
 SEP_TOKEN = "<sep>"  # TTS read/write boundary marker
 IM_END_TOKEN = "<|im_end|>"
+IM_START_TOKEN = "<|im_start|>"
 TTS_TOKENIZER_DIR = "tts_tokenizer"
 REPLACEMENT_CHAR = "\ufffd"  # what a partial UTF-8 character decodes to
 
@@ -224,6 +225,15 @@ class OmniTokenizers:
                 f"a system or assistant text contains {SPEECH_TOKEN!r}"
             )
         return prompt
+
+    def role_header(self, role: str) -> list[int]:
+        """The ids that open a chat message of `role` (`<|im_start|>role\\n`)."""
+        return list(self.llm.encode(f"{IM_START_TOKEN}{role}\n", add_special_tokens=False))
+
+    def text_ids(self, text: str) -> list[int]:
+        """A message's text content as ids; special tokens written in it are read as plain text, so a client
+        cannot forge a role marker or the speech placeholder."""
+        return list(self.llm(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def decode(self, ids: Iterable[int]) -> str:
         """LLM ids to text, special tokens dropped (as the reference's batch_decode)."""

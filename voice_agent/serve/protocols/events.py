@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 
 from voice_agent.audio import OUTPUT_SAMPLES_PER_MS
+from voice_agent.engine.api import TurnSettings
 from voice_agent.serve.settings import SessionSettings
 
 # Error codes an adapter may raise (also the `code` of the wire `error` event).
@@ -84,7 +85,103 @@ class FieldRejected:
     message: str
 
 
-ClientEvent = StartSession | AudioFrame | PlaybackProgress | InterruptRequest | UpdateSettings | FieldRejected
+# Conversation control (the OpenAI Realtime endpoint; a native client uses none of these). `event_id` is the
+# client's id of the message, echoed in any error it causes.
+
+
+@dataclass(frozen=True)
+class Item:
+    """One conversation item as the server's list keeps it. `role` user: `text` (typed) or `audio` (16 kHz
+    float32 speech; `text` is then its transcript, None until known); assistant: `text` is what was said
+    (its transcript), `audio_ms` the audio it had; system: `text`. `status` 'completed', 'incomplete' (an
+    assistant reply that was cut) or 'in_progress' (a reply being generated)."""
+
+    id: str
+    role: Literal["user", "assistant", "system"]
+    text: str | None = None
+    audio: np.ndarray | None = None
+    audio_ms: float = 0.0
+    status: Literal["completed", "incomplete", "in_progress"] = "completed"
+    kind: Literal["text", "audio"] = "text"  # the content's kind (what the wire calls it)
+
+
+@dataclass(frozen=True)
+class CommitInput:
+    """Turn the input audio since the last commit / clear into a user item (turn detection off)."""
+
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ClearInput:
+    """Drop the input audio since the last commit."""
+
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CreateItem:
+    """Insert `item` after `previous_item_id` (None: at the end; "root": first)."""
+
+    item: Item
+    previous_item_id: str | None = None
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class DeleteItem:
+    item_id: str
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RetrieveItem:
+    item_id: str
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TruncateItem:
+    """Cut assistant item `item_id` to its first `audio_end_ms` of audio (clamped to its length)."""
+
+    item_id: str
+    audio_end_ms: float
+    content_index: int = 0
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    """What a client asked of one response. `instructions` replaces the session's for it; `keep` False
+    answers out of band (the history is left untouched); `metadata` is echoed; `modality` 'text' gives text
+    only; `turn` the per-turn model settings (voice, max tokens) for this response."""
+
+    instructions: str | None = None
+    keep: bool = True
+    metadata: dict[str, str] | None = None
+    modality: Literal["audio", "text"] = "audio"
+    turn: TurnSettings | None = None  # None: the session's
+
+
+@dataclass(frozen=True)
+class CreateResponse:
+    options: ResponseOptions = ResponseOptions()
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelResponse:
+    """Stop the response `response_id` (None: the current one)."""
+
+    response_id: str | None = None
+    event_id: str | None = None
+
+
+ClientEvent = (
+    StartSession | AudioFrame | PlaybackProgress | InterruptRequest | UpdateSettings | FieldRejected
+    | CommitInput | ClearInput | CreateItem | DeleteItem | RetrieveItem | TruncateItem | CreateResponse
+    | CancelResponse
+)
 
 
 # ---- server -> client ------------------------------------------------------------------------------
@@ -108,9 +205,11 @@ class SettingsUpdated:
 
 @dataclass(frozen=True)
 class SpeechStarted:
-    """The VAD found user speech starting at `at_ms` of the input stream."""
+    """The VAD found user speech starting at `at_ms` of the input stream; `item_id` is the id the user
+    item will have if this speech becomes a turn."""
 
     at_ms: float
+    item_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,11 +224,16 @@ class SpeechStopped:
     turn: bool
     reason: Literal["silence", "max_length"] = "silence"
     response_id: str | None = None
+    item_id: str | None = None
 
 
 @dataclass(frozen=True)
 class ResponseStarted:
+    """A response starts; its reply becomes assistant item `item_id` (unless out of band)."""
+
     response_id: str
+    item_id: str = ""
+    options: ResponseOptions = ResponseOptions()
 
 
 @dataclass(frozen=True)
@@ -162,6 +266,10 @@ class ResponseFinished:
     text: str
     audio_ms: float
     timings: dict[str, float | None]
+    item_id: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cause: Literal["", "turn_detected", "client_cancelled"] = ""  # why a cancelled response was cut
 
 
 @dataclass(frozen=True)
@@ -174,9 +282,71 @@ class Interrupted:
 
 @dataclass(frozen=True)
 class ErrorEvent:
+    """`event_id`: the client message that caused it, when known; `param`: the field at fault."""
+
     code: str
     message: str
     fatal: bool = False
+    event_id: str | None = None
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class InputCommitted:
+    """The input audio became user item `item_id`, placed after `previous_item_id`."""
+
+    item_id: str
+    previous_item_id: str | None
+
+
+@dataclass(frozen=True)
+class InputCleared:
+    pass
+
+
+@dataclass(frozen=True)
+class ItemAdded:
+    """`item` joined the conversation after `previous_item_id` (None: first). `done` False for an item
+    still being generated (a reply's assistant item; `ItemDone` follows)."""
+
+    item: Item
+    previous_item_id: str | None
+    done: bool = True
+
+
+@dataclass(frozen=True)
+class ItemDone:
+    item: Item
+
+
+@dataclass(frozen=True)
+class ItemDeleted:
+    item_id: str
+
+
+@dataclass(frozen=True)
+class ItemRetrieved:
+    item: Item
+
+
+@dataclass(frozen=True)
+class ItemTruncated:
+    item_id: str
+    content_index: int
+    audio_end_ms: float
+
+
+@dataclass(frozen=True)
+class UserTranscript:
+    """The transcript of user audio item `item_id`: a `delta`, then one with `final` and the whole `text`
+    (`audio_seconds` transcribed); `error` (a message) instead when it cannot be had."""
+
+    item_id: str
+    delta: str = ""
+    text: str = ""
+    final: bool = False
+    audio_seconds: float = 0.0
+    error: str | None = None
 
 
 ServerEvent = (
@@ -190,4 +360,12 @@ ServerEvent = (
     | ResponseFinished
     | Interrupted
     | ErrorEvent
+    | InputCommitted
+    | InputCleared
+    | ItemAdded
+    | ItemDone
+    | ItemDeleted
+    | ItemRetrieved
+    | ItemTruncated
+    | UserTranscript
 )
