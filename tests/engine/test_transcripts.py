@@ -106,6 +106,8 @@ def test_without_a_decoder_every_item_fails_at_once_with_the_reason():
     assert not queue.busy and queue.step(5) == 0
     assert log.events == [TranscriptFailed("a", "transcription_unavailable",
                                            "no Whisper large-v3.pt; `voice-agent download --whisper` fetches it")]
+    assert queue.unavailable and Transcripts(None, "").unavailable  # a reason even when none was given
+    assert Transcripts(FakeTranscriber({}), "ignored").unavailable == ""  # type: ignore[arg-type]
 
 
 def test_the_tiny_whisper_decoder_through_the_queue(tmp_path):

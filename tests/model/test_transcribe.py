@@ -176,3 +176,14 @@ def test_the_decoder_is_loaded_alone_in_the_model_dtype(tiny):
     job.step()
     job.step()
     assert job.features.dtype == torch.bfloat16
+
+
+def test_a_random_decoder_for_benchmarks_runs_to_the_token_limit():
+    from whisper.model import ModelDimensions
+
+    from voice_agent.model.tiny import WHISPER_DIMS
+
+    transcriber = Transcriber.random(ModelDimensions(**WHISPER_DIMS), seed=1)
+    job = transcriber.start(torch.randn(30, 128))
+    deltas = run(job)
+    assert job.steps == 1 + WHISPER_DIMS["n_text_ctx"] // 2 and "".join(deltas) == job.text != ""

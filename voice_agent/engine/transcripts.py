@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 UNAVAILABLE = "transcription_unavailable"
 FAILED = "transcription_failed"
+NO_DECODER = "user transcripts: this engine has no Whisper text decoder"
 
 
 @dataclass
@@ -43,11 +44,11 @@ class _Entry:
 
 class Transcripts:
     """The queue of transcript jobs. `transcriber` None: every submission fails at once with `unavailable`
-    (why there is no decoder and how to get one) as its message."""
+    (why there is no decoder and how to get one) as its message; `unavailable` is '' when there is one."""
 
     def __init__(self, transcriber: Transcriber | None, unavailable: str) -> None:
         self.transcriber = transcriber
-        self.unavailable = unavailable
+        self.unavailable = "" if transcriber is not None else unavailable or NO_DECODER
         self._queue: deque[_Entry] = deque()
 
     @property

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DECODER_PREFIX = "decoder."  # the text decoder's keys in an openai-whisper model_state_dict
 GET_WEIGHTS = "voice-agent download --whisper"  # fetches models/speech_encoder/large-v3.pt
+INIT_STD = 0.02  # random decoders (`Transcriber.random`)
 WHAT = "an openai-whisper checkpoint (large-v3.pt) with 'dims' and 'model_state_dict'"
 
 
@@ -70,6 +71,15 @@ def _read_decoder(path: Path) -> tuple[ModelDimensions, Mapping[str, torch.Tenso
     return dims, state
 
 
+def _cast(decoder: TextDecoder, dtype: torch.dtype) -> TextDecoder:
+    """`decoder` in `dtype`, but for its LayerNorms: whisper's compute in float32 with float32 parameters."""
+    decoder.to(dtype)
+    for module in decoder.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+    return decoder
+
+
 class Transcriber:
     """Whisper's text decoder on one device and dtype, with the decoding options of every job."""
 
@@ -96,15 +106,30 @@ class Transcriber:
         with torch.device("meta"):
             decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
                                   dims.n_text_layer)
-        decoder = decoder.to_empty(device=device).to(dtype)
-        for module in decoder.modules():  # whisper's LayerNorm computes in float32 with float32 parameters
-            if isinstance(module, torch.nn.LayerNorm):
-                module.float()
+        decoder = _cast(decoder.to_empty(device=device), dtype)
         load_module(decoder, state, DECODER_PREFIX, source=str(path))
         # The causal mask is a non-persistent buffer: the meta build left it empty. As TextDecoder makes it.
         mask = torch.empty(dims.n_text_ctx, dims.n_text_ctx, device=device).fill_(-float("inf")).triu_(1)
         decoder.register_buffer("mask", mask, persistent=False)
         return cls(_DecoderOnlyWhisper(dims, decoder), language=language)
+
+    @classmethod
+    def random(cls, dims: ModelDimensions, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               seed: int = 0) -> Transcriber:
+        """A decoder of `dims` with random weights (N(0, 0.02), unit LayerNorm gains), for benchmarks: it
+        never samples eot, so every transcript runs to openai-whisper's limit of n_text_ctx // 2 tokens."""
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with torch.device(device):
+            decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
+                                  dims.n_text_layer)
+        with torch.no_grad():
+            for module in decoder.modules():
+                if isinstance(module, torch.nn.LayerNorm):
+                    module.reset_parameters()  # ones and zeros
+                else:
+                    for param in module.parameters(recurse=False):
+                        param.normal_(0.0, INIT_STD, generator=generator)
+        return cls(_DecoderOnlyWhisper(dims, _cast(decoder, dtype)))
 
     @property
     def dims(self) -> ModelDimensions:

@@ -6,6 +6,10 @@ real-time factor (generation time / audio length), aggregate throughput, and the
 `--sequential` runs the same turns one after another; `--compare` runs both and prints the batching
 ratio (sequential wall time / concurrent wall time). Reply lengths are forced (`--text-tokens`,
 `--final-units`: eos masked, every block full) so runs compare across models and settings.
+`--transcribe` submits every turn with a user transcript (Whisper's text decoder: the model's large-v3.pt
+with `--model-dir`, random weights at large-v3's text shapes with a preset, whose transcripts always run
+to openai-whisper's 224-token limit) and adds when each transcript was done; compare its first-audio
+figures with a run without it.
 
 `bench model`: per-stage times of the model alone, batched: log-mel, encoder, adapter, prefill, text
 decode (tokens/s), TTS decode (units/s), and flow + HiFT per 10-unit block.
@@ -27,10 +31,20 @@ from typing import Any
 import numpy as np
 
 from voice_agent.audio import INPUT_SAMPLE_RATE
-from voice_agent.engine.api import AudioChunk, ResponseDone, TurnError, TurnSettings
+from voice_agent.engine.api import (
+    AudioChunk,
+    ResponseDone,
+    TranscriptDelta,
+    TranscriptDone,
+    TranscriptEvent,
+    TranscriptFailed,
+    TurnError,
+    TurnSettings,
+)
 from voice_agent.serve.config import DTYPES
 
 WARMUP = (3, 5)  # text tokens, final units of the warm-up turn
+TRANSCRIPT_WAIT_S = 600.0  # how long the bench waits for transcripts after the last reply
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -96,12 +110,40 @@ class TurnRecord:
     audio_ms: float = 0.0
     units: int = 0
     error: str | None = None
+    transcribe: bool = False
+    transcript_first: float | None = None  # first TranscriptDelta
+    transcript_done: float | None = None  # TranscriptDone or TranscriptFailed
+    transcript_error: str | None = None
+
+    def on_transcript(self, event: TranscriptEvent) -> None:
+        now = time.monotonic()
+        if isinstance(event, TranscriptDelta):
+            self.transcript_first = self.transcript_first or now
+        elif isinstance(event, TranscriptDone):
+            self.transcript_done = now
+        elif isinstance(event, TranscriptFailed):
+            self.transcript_done, self.transcript_error = now, f"{event.code}: {event.message}"
 
 
-async def _run_turn(session: Any, audio: np.ndarray, seed: int, forced: Any) -> TurnRecord:
-    rec = TurnRecord(time.monotonic())
+class TranscriptRouter:
+    """A session's `on_transcript`: hands each event to the record of the turn whose item it names."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, TurnRecord] = {}
+
+    def __call__(self, event: TranscriptEvent) -> None:
+        record = self.records.get(event.item_id)
+        if record is not None:
+            record.on_transcript(event)
+
+
+async def _run_turn(session: Any, audio: np.ndarray, seed: int, forced: Any,
+                    router: TranscriptRouter | None = None, item_id: str | None = None) -> TurnRecord:
+    rec = TurnRecord(time.monotonic(), transcribe=router is not None)
+    if router is not None and item_id is not None:
+        router.records[item_id] = rec
     stream = session.submit_turn(audio, TurnSettings(temperature=0.8, seed=seed), speech_end=rec.submitted,
-                                 forced=forced)
+                                 item_id=item_id, transcribe=router is not None, forced=forced)
     async for event in stream:
         now = time.monotonic()
         if isinstance(event, AudioChunk):
@@ -122,13 +164,14 @@ async def _run_engine(engine: Any, args: argparse.Namespace, sequential: bool) -
     from voice_agent.engine.reply import ForcedLength
 
     forced = ForcedLength(args.text_tokens, args.final_units)
-    sessions = [engine.open_session() for _ in range(args.sessions)]
+    routers = [TranscriptRouter() if args.transcribe else None for _ in range(args.sessions)]
+    sessions = [engine.open_session(on_transcript=router) for router in routers]
     audios = [synthetic_audio(args.audio_seconds, i) for i in range(args.sessions)]
 
     async def conversation(i: int) -> list[TurnRecord]:
         if not sequential and args.arrival_ms > 0:  # turn ends spread evenly over the window
             await asyncio.sleep(args.arrival_ms / 1000 * i / max(1, args.sessions))
-        return [await _run_turn(sessions[i], audios[i], args.seed + 1000 * i + k, forced)
+        return [await _run_turn(sessions[i], audios[i], args.seed + 1000 * i + k, forced, routers[i], f"user-{k}")
                 for k in range(args.turns)]
 
     t0 = time.monotonic()
@@ -137,6 +180,9 @@ async def _run_engine(engine: Any, args: argparse.Namespace, sequential: bool) -
     else:
         records = [r for rs in await asyncio.gather(*(conversation(i) for i in range(args.sessions))) for r in rs]
     wall = time.monotonic() - t0
+    deadline = time.monotonic() + TRANSCRIPT_WAIT_S
+    while any(r.transcribe and r.transcript_done is None for r in records) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # closing a session drops its transcripts
     for s in sessions:
         await s.close()
     return records, wall
@@ -180,6 +226,19 @@ def _report(label: str, records: list[TurnRecord], wall: float, stats: Any) -> N
     if ok:
         print(f"  throughput: {audio_s / wall:.3f} s of audio per s, {sum(r.units for r in ok) / wall:.1f} units/s "
               f"({audio_s:.1f} s of audio in all)")
+    asked = [r for r in records if r.transcribe]
+    if asked:
+        done = [r for r in asked if r.transcript_done is not None and r.transcript_error is None]
+        failed = [r.transcript_error for r in asked if r.transcript_error]
+        late = len(asked) - len(done) - len(failed)
+        after = [1000 * (r.transcript_done - r.submitted) for r in done]  # type: ignore[operator]
+        first_text = [1000 * (r.transcript_first - r.submitted) for r in done if r.transcript_first is not None]
+        print(f"  transcripts: {len(done)} done, {len(failed)} failed, {late} not done in {TRANSCRIPT_WAIT_S:.0f} s")
+        if failed:
+            print(f"  first transcript failure: {failed[0]}")
+        if after:
+            print(f"  transcript done ms (from submission): p50 {_pct(after, 0.5):.1f}  p95 {_pct(after, 0.95):.1f}  "
+                  f"max {max(after):.1f}; first transcript text ms p50 {_pct(first_text, 0.5):.1f}")
     if stats is not None and stats.steps:
         def mean(rows: int, calls: int) -> float:
             return rows / calls if calls else 0.0
@@ -203,6 +262,10 @@ def bench_engine_main(argv: Sequence[str] | None = None) -> int:
                    help="concurrent mode: spread the sessions' turn starts evenly over this window")
     p.add_argument("--no-flow-cache", action="store_true", help="recompute the flow window every block")
     p.add_argument("--no-audio", action="store_true", help="units only: leave the vocoder out")
+    p.add_argument("--transcribe", action="store_true",
+                   help="submit every turn with a user transcript (Whisper's text decoder); compare first audio")
+    p.add_argument("--whisper", default=None,
+                   help="with --model-dir and --transcribe: the openai-whisper large-v3.pt (default: the model's)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--sequential", action="store_true", help="run the same turns one after another")
     mode.add_argument("--compare", action="store_true", help="run concurrent, then sequential; print the ratio")
@@ -215,7 +278,10 @@ def bench_engine_main(argv: Sequence[str] | None = None) -> int:
 
     def load() -> Models:  # in the engine's model thread: torch runs in that one thread only
         lm, decoder, voices = _load(args)
-        return Models(lm, None if args.no_audio else decoder, voices)
+        models = Models(lm, None if args.no_audio else decoder, voices)
+        if args.transcribe:
+            models.transcriber, models.transcriber_unavailable = _load_transcriber(args, lm)
+        return models
 
     config = EngineConfig(
         max_sessions=args.sessions + 1, max_reply_tokens=max(args.text_tokens, 256),
@@ -236,7 +302,8 @@ def bench_engine_main(argv: Sequence[str] | None = None) -> int:
               f"{', no vocoder' if engine.worker.decoder is None else ''}"
               f", flow window {'whole reply' if args.flow_context_units < 0 else f'{args.flow_context_units} units'}"
               f"{'' if args.no_flow_cache else ' + chunk cache'}"
-              f"{f'; turn starts spread over {args.arrival_ms:.0f} ms' if args.arrival_ms > 0 else ''}")
+              f"{f'; turn starts spread over {args.arrival_ms:.0f} ms' if args.arrival_ms > 0 else ''}"
+              f"{'; with user transcripts' if args.transcribe else ''}")
         warm = engine.open_session()
         await _run_turn(warm, synthetic_audio(1.0, 99), 0, ForcedLength(*WARMUP))
         await warm.close()
@@ -257,6 +324,30 @@ def bench_engine_main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _load_transcriber(args: argparse.Namespace, lm: Any) -> tuple[Any | None, str]:
+    """The model's Whisper text decoder (`--model-dir`), or a random one at the text shapes that go with
+    the preset's encoder: large-v3's (32 layers of 1280) for the real encoder, the tiny file's for `tiny`."""
+    from pathlib import Path
+
+    from voice_agent.engine.build import load_transcriber
+
+    if args.model_dir:
+        return load_transcriber(lm, Path(args.model_dir), Path(args.whisper) if args.whisper else None)
+    from whisper.model import ModelDimensions
+
+    from voice_agent.model import tiny
+    from voice_agent.model.transcribe import Transcriber
+
+    n = lm.encoder.n_state
+    text = {"n_vocab": tiny.WHISPER_N_VOCAB, "n_text_ctx": tiny.WHISPER_N_TEXT_CTX, "n_text_state": n,
+            "n_text_head": n // tiny.WHISPER_HEAD_DIM, "n_text_layer": 1 if n == tiny.WHISPER_N_AUDIO_STATE else 32}
+    enc = lm.encoder.dims
+    audio = {"n_mels": enc.n_mels, "n_audio_ctx": enc.n_ctx, "n_audio_state": n, "n_audio_head": enc.n_head,
+             "n_audio_layer": enc.n_layer}
+    dims = ModelDimensions(**audio, **text)
+    return Transcriber.random(dims, device=lm.device, dtype=lm.dtype, seed=args.seed), ""
 
 
 def _peak_memory(device: str) -> str:
