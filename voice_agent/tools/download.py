@@ -10,7 +10,8 @@ What is fetched (see models/README.md for sizes):
   repository on GitHub) -> models/cosy2_decoder/, from which the default voices are computed once with
   CAM++ and cached (voice.py).
 - with `--whisper`: openai-whisper's large-v3.pt -> models/speech_encoder/large-v3.pt, checked against
-  the SHA-256 in its URL. Not needed to run: every LLaMA-Omni2 checkpoint carries the encoder weights.
+  the SHA-256 in its URL. Needed only for user transcripts (its text decoder, model/transcribe.py): every
+  LLaMA-Omni2 checkpoint carries the encoder weights.
 
 Downloads resume; files already present are kept. `plan(args)` lists what would be fetched, so what a
 download asks for can be checked without a network.
@@ -73,7 +74,8 @@ def add_download_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", default="models", help="where to put the files (default ./models)")
     p.add_argument("--revision", default=None, help="a commit or tag of the model repository")
     p.add_argument("--no-decoder", action="store_true", help="skip ICTNLP/cosy2_decoder")
-    p.add_argument("--whisper", action="store_true", help="also fetch openai-whisper large-v3.pt (3 GB, optional)")
+    p.add_argument("--whisper", action="store_true",
+                   help="also fetch openai-whisper large-v3.pt (3 GB; its text decoder makes user transcripts)")
 
 
 def plan(args: argparse.Namespace) -> list[HubJob | UrlJob]:
