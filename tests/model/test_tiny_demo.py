@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from voice_agent.model.tiny import make_tiny
-from voice_agent.model.tiny_demo import DEMO_REPLY, DEMO_REPLY_AFTER, demo_chain
+from voice_agent.model.tiny_demo import DEMO_REPLY, DEMO_REPLY_AFTER, DEMO_TRANSCRIPT, demo_chain
 from voice_agent.model.tiny_tokenizer import MERGE_CORPUS, TinyVocab
 from voice_agent.model.tokenizer import load_tokenizer
 from voice_agent.model.weights import SafetensorsCheckpoint, load_torch_file
@@ -25,6 +25,8 @@ SHAPED_MODEL_KEYS = {
       for key in ("self_attn.o_proj.weight", "mlp.down_proj.weight")),
 }
 SHAPED_HIFT_KEYS = {"conv_post.weight_g", "conv_post.bias"}
+SHAPED_WHISPER_KEYS = {"decoder.token_embedding.weight", "decoder.blocks.0.mlp.0.weight",
+                       "decoder.blocks.0.mlp.0.bias", "decoder.blocks.0.mlp.2.weight"}
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +51,25 @@ def test_demo_set_shapes_only_its_tensors_and_keeps_every_other_file(sets: tuple
     files = sorted(p.relative_to(plain) for p in plain.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(demo) for p in demo.rglob("*") if p.is_file())
     differ = {f.as_posix() for f in files if (plain / f).read_bytes() != (demo / f).read_bytes()}
-    assert differ == {"LLaMA-Omni2-tiny/model.safetensors", "cosy2_decoder/hift.pt"}
+    assert differ == {"LLaMA-Omni2-tiny/model.safetensors", "cosy2_decoder/hift.pt", "speech_encoder/large-v3.pt"}
     assert changed(tensors(plain), tensors(demo)) == SHAPED_MODEL_KEYS
     hift = [load_torch_file(root / "cosy2_decoder" / "hift.pt", "hift") for root in (plain, demo)]
     assert changed(*hift) == SHAPED_HIFT_KEYS
+    whisper = [load_torch_file(root / "speech_encoder" / "large-v3.pt", "whisper")["model_state_dict"]
+               for root in (plain, demo)]
+    assert changed(*whisper) == SHAPED_WHISPER_KEYS
+
+
+@pytest.mark.parametrize("frames", [1500, 35])
+def test_demo_whisper_decoder_transcribes_the_demo_transcript(sets: tuple[Path, Path], frames: int) -> None:
+    from voice_agent.model.transcribe import Transcriber
+
+    job = Transcriber.load(sets[1] / "speech_encoder" / "large-v3.pt").start(torch.randn(frames, 128))
+    deltas = []
+    while not job.done:
+        deltas.append(job.step())
+    assert job.text == "".join(deltas) == DEMO_TRANSCRIPT.strip()
+    assert job.steps == 1 + len(deltas) - 1 and len(deltas) < 16  # language detection, then a short chain
 
 
 def test_demo_tied_heads_stay_equal_to_their_embeddings(sets: tuple[Path, Path]) -> None:

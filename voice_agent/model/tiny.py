@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from voice_agent.model.config import Qwen2Dims
 from voice_agent.model.cosy2.tiny import write_tiny_cosy2_decoder
-from voice_agent.model.tiny_demo import shape_demo_llm, shape_demo_tts
+from voice_agent.model.tiny_demo import shape_demo_llm, shape_demo_tts, shape_demo_whisper_decoder
 from voice_agent.model.tiny_tokenizer import (
     ENDOFTEXT,
     IM_END,
@@ -264,7 +264,8 @@ def make_tiny(
     to the TTS embedding. `sharded` splits the weights into two shards plus an index. `whisper_head_dim`
     sets the encoder's head count in the whisper file's dims (n_state // head dim); no tensor shape
     depends on it. `demo` writes the server's embedded demo model instead: the same keys and shapes with a
-    few tensors shaped for a short, quiet, readable reply (`tiny_demo`); without it nothing changes.
+    few tensors shaped for a short, quiet, readable reply and transcript (`tiny_demo`); without it nothing
+    changes.
     """
     root = Path(out_dir)
     model_dir, encoder_path = root / MODEL_DIR, root / ENCODER_DIR / ENCODER_FILE
@@ -297,7 +298,10 @@ def make_tiny(
     whisper_state = {k.replace(prefix, "encoder."): t.clone() for k, t in tensors.items() if prefix in k}
     decoder_shapes = whisper_decoder_shapes("decoder.", WHISPER_DIMS)
     # float16 as the official file (the 51866-row embedding is most of the file's size)
-    whisper_state |= {key: random_tensor(key, shape, seed).half() for key, shape in decoder_shapes.items()}
+    decoder_state = {key: random_tensor(key, shape, seed) for key, shape in decoder_shapes.items()}
+    if demo:
+        shape_demo_whisper_decoder(decoder_state)
+    whisper_state |= {key: t.half() for key, t in decoder_state.items()}
     dims = WHISPER_DIMS | {"n_audio_head": WHISPER_N_AUDIO_STATE // whisper_head_dim}
     torch.save({"dims": dims, "model_state_dict": whisper_state}, str(encoder_path))
 

@@ -19,6 +19,10 @@ the random values of every other tensor, and overwrites these, so the unchanged 
   is about `sqrt(32) * TTS_EOS_NORM`, far above any unit's; after anything else it is exactly 0, a
   typical unit's, so blocks still write their W units.
 - HiFT: quiet, low-passed noise instead of full-scale noise (`cosy2.tiny.quiet_hift_state`).
+- Whisper text decoder (user transcripts): `DEMO_TRANSCRIPT`, then eot, whatever was said, by the LLM's
+  chain construction on its one block: `<|notimestamps|>` (the last prompt token), the transcript's
+  tokens and eot get one residual axis each, and one MLP unit per chain token writes the next token's
+  axis; the final LayerNorm puts about sqrt(n_state) on it, so its logit beats every other by far.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ DEMO_REPLY_AFTER = "\n"  # the prompt's last token, after "<|im_start|>assistant
 LLM_CHAIN_NORM = 4.0  # chain embedding size; the next token wins by 8x this in logits
 TTS_SEP_NORM = 2.0  # <sep> on the eos axis: after <sep> the state lies almost on it
 TTS_EOS_NORM = 4.0  # eos logit after <sep>, about sqrt(32) * this
+DEMO_TRANSCRIPT = " Demo model transcript, not your words."  # distinct whisper tokens, none suppressed
+WHISPER_CHAIN_NORM = 4.0  # chain embedding size in the whisper decoder
 
 
 def demo_chain(vocab: TinyVocab) -> list[int]:
@@ -84,3 +90,27 @@ def shape_demo_tts(tensors: dict[str, torch.Tensor], vocab: TinyVocab, num_layer
         tensors[layer + "self_attn.o_proj.weight"][axis] = 0.0
         tensors[layer + "mlp.down_proj.weight"][axis] = 0.0
     tensors[prefix + "model.lm_head.weight"] = embed.clone()
+
+
+def shape_demo_whisper_decoder(state: dict[str, torch.Tensor], prefix: str = "decoder.") -> None:
+    """Make a one-block Whisper text decoder transcribe `DEMO_TRANSCRIPT` (module docstring), in place."""
+    from whisper.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(True, num_languages=100)  # large-v3's vocabulary (n_vocab 51866)
+    chain = [tokenizer.no_timestamps, *tokenizer.encode(DEMO_TRANSCRIPT), tokenizer.eot]
+    embed = state[prefix + "token_embedding.weight"]  # (V, D)
+    D = embed.shape[1]
+    mlp = prefix + "blocks.0.mlp."
+    up, up_bias, down = state[mlp + "0.weight"], state[mlp + "0.bias"], state[mlp + "2.weight"]  # (4D, D), (D, 4D)
+    if len(set(chain)) != len(chain) or len(chain) > D:
+        raise ValueError(f"demo transcript {DEMO_TRANSCRIPT!r}: expected at most {D} distinct tokens, got {chain}")
+    normed = (D - 1) ** 0.5  # an input on one axis reads about this there after LayerNorm
+    act = torch.nn.functional.gelu(torch.tensor(normed))
+    for k, token in enumerate(chain):
+        embed[token] = 0.0
+        embed[token, k] = WHISPER_CHAIN_NORM
+        up[k], up_bias[k], down[:, k] = 0.0, 0.0, 0.0
+        up[k, k] = 1.0
+        if k + 1 < len(chain):  # eot ends the transcript: it needs no successor
+            down[k + 1, k] = WHISPER_CHAIN_NORM / act
+            down[k, k] = -WHISPER_CHAIN_NORM / act
