@@ -5,7 +5,9 @@ FakeEngine is a fake of `voice_agent.engine.api.Engine` for server and session t
 It emits a scripted reply block by block (a text delta, then `block_ms` of a 24 kHz sine) with a small
 sleep per block standing in for an engine step, honours `cancel(played_ms)` within one step (history
 keeps only the words whose audio had started playing), records what it was asked, and keeps each
-session's history separate. With `hold=True` a reply, once its blocks are out, goes on "generating"
+session's history separate. It keeps each session's items as the engine would (`items`, `edits`), answers
+`respond` like a turn, and with `on_transcript` gives a transcribed audio item a scripted transcript
+("fake transcript of N s"). With `hold=True` a reply, once its blocks are out, goes on "generating"
 without output until cancelled. Like the real engine it refuses a turn of more than MAX_INPUT_SAMPLES
 (FAKE_MAX_INPUT_SAMPLES names the fake's copy of that check). Scripted failures by voice name
 (both are in its `info.voices`, so the server lets them through): "fake-crash" makes the turn's iterator
@@ -18,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +31,12 @@ from voice_agent.engine.api import (
     AudioChunk,
     EngineEvent,
     EngineInfo,
+    HistoryItem,
     ResponseDone,
     TextDelta,
+    TranscriptDelta,
+    TranscriptDone,
+    TranscriptEvent,
     TurnError,
     TurnSettings,
     TurnTimings,
@@ -67,8 +74,11 @@ class FakeEnergyClassifier:
 class FakeTurn:
     """What one submitted turn looked like to the fake engine."""
 
-    audio: np.ndarray  # (T,) float32 16 kHz, as submitted
+    audio: np.ndarray  # (T,) float32 16 kHz, as submitted (a response.create: the last item's, or none)
     settings: TurnSettings
+    item_id: str = ""
+    instructions: str | None = None
+    keep: bool = True
     reply: str = ""
     cancelled_at_ms: float | None = None
     blocks_sent: int = 0
@@ -83,28 +93,72 @@ class FakeEngineSession:
     id: str
     engine: FakeEngine
     system_prompt: str | None = None
+    on_transcript: Callable[[TranscriptEvent], None] | None = None
     turns: list[FakeTurn] = field(default_factory=list)
     history: list[str] = field(default_factory=list)  # the kept reply text of each turn
+    items: list[HistoryItem] = field(default_factory=list)  # the conversation's items, in order
+    edits: list[tuple[str, Any, Any]] = field(default_factory=list)  # (op, id or text, after / audio_ms)
     closed: bool = False
     _running: bool = False
     _cancel: bool = False
     _played_ms: float | None = None
 
     def submit_turn(
-        self, audio: np.ndarray, settings: TurnSettings, *, speech_end: float | None = None
+        self, audio: np.ndarray, settings: TurnSettings, *, speech_end: float | None = None,
+        item_id: str | None = None, reply_id: str | None = None, transcribe: bool = False,
     ) -> AsyncIterator[EngineEvent]:
+        self._check_audio(audio)
+        if self._running:
+            raise TurnRejected(f"expected no running turn on session {self.id}, got one running")
+        self.add_item(HistoryItem(item_id or f"fake-user-{len(self.turns) + 1}", "user", audio=audio,
+                                  transcribe=transcribe))
+        return self.respond(settings, item_id=reply_id or f"fake-reply-{len(self.turns) + 1}", speech_end=speech_end)
+
+    def respond(self, settings: TurnSettings, *, item_id: str, instructions: str | None = None, keep: bool = True,
+                speech_end: float | None = None) -> AsyncIterator[EngineEvent]:
         if self.closed:
             raise TurnRejected(f"session {self.id} is closed")
         if self._running:
             raise TurnRejected(f"expected no running turn on session {self.id}, got one running")
+        self._running, self._cancel, self._played_ms = True, False, None
+        last = self.items[-1] if self.items else None
+        audio = last.audio if last is not None and last.audio is not None else np.zeros(0, np.float32)
+        turn = FakeTurn(audio=audio.copy(), settings=settings, item_id=item_id, instructions=instructions, keep=keep)
+        self.turns.append(turn)
+        return self._run(turn, time.monotonic() if speech_end is None else speech_end)
+
+    def add_item(self, item: HistoryItem, *, after: str | None = None) -> None:
+        if item.audio is not None:
+            self._check_audio(item.audio)
+        self.edits.append(("add", item.id, after))
+        index = len(self.items) if after is None else (0 if after == "root" else next(
+            (i + 1 for i, it in enumerate(self.items) if it.id == after), len(self.items)))
+        self.items.insert(index, item)
+        if item.transcribe and self.on_transcript is not None:  # a scripted transcript, one delta then done
+            seconds = len(item.audio) / INPUT_SAMPLE_RATE if item.audio is not None else 0.0
+            text = f"fake transcript of {seconds:.2f} s"
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self.on_transcript, TranscriptDelta(item.id, text))
+            loop.call_soon(self.on_transcript, TranscriptDone(item.id, text, seconds))
+
+    def delete_item(self, item_id: str) -> None:
+        self.edits.append(("delete", item_id, None))
+        self.items = [it for it in self.items if it.id != item_id]
+
+    def truncate_item(self, item_id: str, audio_ms: float) -> None:
+        self.edits.append(("truncate", item_id, audio_ms))
+
+    def set_instructions(self, text: str | None) -> None:
+        self.edits.append(("instructions", text, None))
+        self.system_prompt = text
+
+    def _check_audio(self, audio: np.ndarray) -> None:
+        if self.closed:
+            raise TurnRejected(f"session {self.id} is closed")
         if audio.ndim != 1 or audio.dtype != np.float32:
             raise TurnRejected(f"expected (T,) float32 audio, got {audio.dtype} {audio.shape}")
         if not 0 < len(audio) <= FAKE_MAX_INPUT_SAMPLES:
             raise TurnRejected(f"FakeEngine: expected 1..{FAKE_MAX_INPUT_SAMPLES} samples, got {len(audio)}")
-        self._running, self._cancel, self._played_ms = True, False, None
-        turn = FakeTurn(audio=audio.copy(), settings=settings)
-        self.turns.append(turn)
-        return self._run(turn, time.monotonic() if speech_end is None else speech_end)
 
     def cancel(self, played_ms: float | None = None) -> None:
         if self._running:
@@ -153,6 +207,8 @@ class FakeEngineSession:
                 turn.cancelled_at_ms = self._played_ms
             turn.reply = " ".join(kept)
             self.history.append(turn.reply)
+            if turn.keep:
+                self.items.append(HistoryItem(turn.item_id, "assistant", text=turn.reply))
             timings.done = time.monotonic()
             self._running = False
             yield ResponseDone(turn.reply, reason, timings, audio_ms=len(starts) * e.block_ms)  # type: ignore[arg-type]
@@ -190,11 +246,13 @@ class FakeEngine:
     def ready(self) -> bool:
         return self._ready
 
-    def open_session(self, *, system_prompt: str | None = None) -> FakeEngineSession:
+    def open_session(self, *, system_prompt: str | None = None,
+                     on_transcript: Callable[[TranscriptEvent], None] | None = None) -> FakeEngineSession:
         if self.open_count >= self.max_sessions:
             raise AdmissionError(f"expected at most {self.max_sessions} sessions, got one more")
         self.open_count += 1
-        s = FakeEngineSession(id=f"fake{next(self._ids)}", engine=self, system_prompt=system_prompt)
+        s = FakeEngineSession(id=f"fake{next(self._ids)}", engine=self, system_prompt=system_prompt,
+                              on_transcript=on_transcript)
         self.sessions.append(s)
         return s
 

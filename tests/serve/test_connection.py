@@ -45,6 +45,8 @@ class ToyWire:
     """The toy wire format of the module docstring."""
 
     start_timeout_s = 1.0
+    subprotocol = None
+    conversation_events = False
 
     def __init__(self, defaults: SessionSettings) -> None:
         self.defaults = defaults

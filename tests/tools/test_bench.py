@@ -80,7 +80,6 @@ def test_tiny_preset_runs_and_is_reproducible() -> None:
 
 # strict: once the worker builds Transcripts(models.transcriber, models.transcriber_unavailable) this passes and
 # the marker must go
-@pytest.mark.xfail(reason="the worker does not run transcripts yet", strict=True)
 def test_bench_engine_with_transcripts_reports_when_each_was_done(capsys: pytest.CaptureFixture[str]) -> None:
     code = bench_engine_main(["--preset", "tiny", "--sessions", "2", "--text-tokens", "3", "--final-units", "5",
                               "--audio-seconds", "0.5", "--transcribe"])

@@ -63,10 +63,10 @@ def load_transcriber(lm: Any, model_dir: Path, whisper: Path | None) -> tuple[An
     """Whisper's text decoder from the whisper file the model uses (`whisper`, else where config.json's
     `speech_encoder` points), on the LM's device and dtype; or None and why, saying how to fix it.
     Never raises: without a decoder only the transcripts are off."""
-    from voice_agent.model.speech_lm import _whisper_candidates
+    from voice_agent.model.speech_lm import whisper_candidates
     from voice_agent.model.transcribe import GET_WEIGHTS, Transcriber
 
-    candidates = [whisper] if whisper is not None else _whisper_candidates(model_dir, lm.config)
+    candidates = [whisper] if whisper is not None else whisper_candidates(model_dir, lm.config)
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         tried = ", ".join(str(p) for p in candidates)

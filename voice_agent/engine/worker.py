@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +62,7 @@ from voice_agent.engine.reply import (
     prefill,
 )
 from voice_agent.engine.scheduler import Scheduler, TurnPhase, TurnView
+from voice_agent.engine.transcripts import Transcripts
 from voice_agent.engine.turns import Heard, SessionRun, StepStats, TurnRun, heard_of, replies_of
 from voice_agent.engine.vocoder import open_stream
 from voice_agent.errors import error_code
@@ -107,7 +107,7 @@ class ModelWorker:
         self._voices: dict[str, torch.Tensor] = {}
         self._arrivals = 0
         self.to_encode: list[tuple[SessionRun, Message]] = []  # speech to encode for a transcript
-        self.transcripts: Any = None  # voice_agent.engine.transcripts.Transcripts, when models carry a transcriber
+        self.transcripts = Transcripts(models.transcriber, models.transcriber_unavailable)
         self.llm_cache: KVCache | None = None
         self.tts_cache: KVCache | None = None
 
@@ -119,7 +119,7 @@ class ModelWorker:
     @property
     def busy(self) -> bool:
         """Work is left: a turn, speech to encode for a transcript, or a transcript to decode."""
-        return bool(self.turns or self.to_encode or (self.transcripts is not None and self.transcripts.busy))
+        return bool(self.turns or self.to_encode or self.transcripts.busy)
 
     @property
     def _llm_cache(self) -> KVCache:
@@ -270,8 +270,7 @@ class ModelWorker:
         self.cancel(session_id, None)
         self.sessions.pop(session_id, None)
         self.to_encode = [(s, m) for s, m in self.to_encode if s.id != session_id]
-        if self.transcripts is not None:
-            self.transcripts.forget(session_id)
+        self.transcripts.forget(session_id)
 
     def close_all(self) -> None:
         for turn in list(self.turns.values()):
@@ -367,6 +366,7 @@ class ModelWorker:
             session = owners.get(id(m)) or self._owner(m)
             if m.transcribe and session is not None:
                 enc = features.encoder_out[i] if not self.lm.unpadded else features.encoder_out[i, : sp.length * k]
+                # padded: the whole 30-s window, as Whisper's decoder was trained on
                 self._start_transcript(session, m.id, enc, seconds)
 
     def _owner(self, message: Message) -> SessionRun | None:
@@ -377,18 +377,17 @@ class ModelWorker:
         emit = session.on_transcript
         if emit is None:
             return
-        if self.transcripts is None or self.transcripts.unavailable:
+        if self.transcripts.unavailable:
             if not session.transcripts_failed:  # once per session: some clients log every failure as an error
                 session.transcripts_failed = True
-                reason = self.transcripts.unavailable if self.transcripts is not None else "no transcriber"
-                emit(TranscriptFailed(item_id, "transcription_unavailable", reason))
+                emit(TranscriptFailed(item_id, "transcription_unavailable", self.transcripts.unavailable))
             return
-        self.transcripts.submit(session.id, item_id, encoder_out.clone(), seconds, emit)
+        self.transcripts.submit(session.id, item_id, encoder_out, seconds, emit)
 
     def _transcribe(self) -> None:
         """Decode transcripts when no reply waits for its first audio (or first units, without a vocoder):
         a few tokens per step while replies stream, more when the engine has nothing else to do."""
-        if self.transcripts is None or not self.transcripts.busy:
+        if not self.transcripts.busy:
             return
         def waiting(t: TurnRun) -> bool:
             first = t.timings.first_audio if self.decoder is not None else t.timings.first_units

@@ -134,7 +134,7 @@ class SpeechLM:
 
         # As the reference: the encoder is built from the whisper file's dims, then the checkpoint's weights
         # are loaded into it; the file's own weights serve only when the checkpoint has none.
-        candidates = [Path(whisper_path)] if whisper_path is not None else _whisper_candidates(model_dir, config)
+        candidates = [Path(whisper_path)] if whisper_path is not None else whisper_candidates(model_dir, config)
         whisper_file = next((p for p in candidates if p.is_file()), None)
         if whisper_path is not None and whisper_file is None:
             raise CheckpointError(f"missing file {whisper_path}: expected an openai-whisper checkpoint (large-v3.pt)")
@@ -285,7 +285,7 @@ class SpeechLM:
         return torch.cat(pieces, dim=0)  # (L, H)
 
 
-def _whisper_candidates(model_dir: Path, config: OmniConfig) -> list[Path]:
+def whisper_candidates(model_dir: Path, config: OmniConfig) -> list[Path]:
     """Where the whisper file that config.json names may be, first found wins. The reference opens the
     config's path relative to the working directory (`models/speech_encoder/large-v3.pt`, the repository
     root); for the usual layout (`models/<model>/`) the same file is `../speech_encoder/large-v3.pt` from

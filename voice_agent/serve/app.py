@@ -4,8 +4,9 @@ Routes: `/` the bundled page (`static/`), `/static/*` its files, `/api/info` wha
 connecting (model, demo flag, voices, the longest reply a client may ask for, default settings in the
 native wire form, whether a key is required), `/healthz` (the process is up), `/readyz` (200 once the
 engine has loaded and warmed its model, else 503), `/ws` the native protocol (docs/protocol.md): a `Connection`
-(`voice_agent.serve.connection`) with a `NativeProtocol` adapter. Another wire format is another route
-with another adapter. `/metrics` (voice_agent.serve.metrics): Prometheus metrics, behind the API key
+(`voice_agent.serve.connection`) with a `NativeProtocol` adapter, `/v1/realtime` the OpenAI Realtime API
+(docs/openai-realtime.md): the same connection with an `OpenAIRealtimeProtocol` adapter. `/metrics`
+(voice_agent.serve.metrics): Prometheus metrics, behind the API key
 when one is set, or on `metrics_port` instead.
 
 `close_for` is the one place that maps an exception that ends a connection to a close code and the
@@ -13,7 +14,7 @@ fatal error event the client gets before it (`refusal_for`: the HTTP answer when
 upgrade).
 
 The WebSocket transport is uvicorn's `websockets-sansio` implementation, named in `uvicorn_options` with
-everything the server relies on: no compression, messages of at most 1 MiB (larger: closed 1009), and a
+everything the server relies on: no compression, messages of at most 4 MiB (larger: closed 1009), and a
 keepalive ping every WS_PING_INTERVAL_S that must be answered within WS_PING_TIMEOUT_S (else uvicorn closes
 with 1011 "keepalive ping timeout"). uvicorn itself closes a text message that is not UTF-8 with 1007 and
 logs a traceback for it; `ClientFaultFilter` turns that into one throttled warning line.
@@ -21,6 +22,7 @@ logs a traceback for it; `ClientFaultFilter` turns that into one throttled warni
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import logging.config
 import math
@@ -57,13 +59,17 @@ from voice_agent.serve.connection import Connection, peer_guard
 from voice_agent.serve.logs import logging_config
 from voice_agent.serve.metrics import Metrics, metrics_endpoint, serve_metrics
 from voice_agent.serve.peers import Throttle
+from voice_agent.serve.protocols.adapter import WireAdapter
 from voice_agent.serve.protocols.events import ErrorEvent
 from voice_agent.serve.protocols.native import NativeProtocol, settings_json
+from voice_agent.serve.protocols.openai import BetaInterfaceRefused, OpenAIRealtimeProtocol
 from voice_agent.serve.vad import make_classifier
 
 DOWNLOAD_COMMAND = download_command()  # pasteable in the server's working directory (engine/files.py)
 DEFAULT_STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
-WS_MAX_MESSAGE_BYTES = 1 << 20  # uvicorn refuses (1009) larger WebSocket messages before we see them
+# uvicorn refuses (1009) larger WebSocket messages before we see them: 4 MiB holds the longest audio the model
+# takes (30 s) as base64 24 kHz PCM16 in one OpenAI Realtime event (OpenAI allows 15 MiB; more is refused here).
+WS_MAX_MESSAGE_BYTES = 4 << 20
 WS_PING_INTERVAL_S = 20.0  # uvicorn pings every client this often (its default, stated here)
 WS_PING_TIMEOUT_S = 20.0  # and closes it with 1011 when the pong is this late
 FAULT_LOG_INTERVAL_S = 10.0  # at most one log line per this for transport-level client faults
@@ -80,6 +86,7 @@ CLOSE_SESSION_TOO_LONG = 4005  # the session lasted max_session_s
 
 CLOSE_CODES: dict[type[Exception], int] = {
     Unauthorized: CLOSE_POLICY_VIOLATION,
+    BetaInterfaceRefused: CLOSE_POLICY_VIOLATION,  # the retired OpenAI Realtime beta interface
     AuthCoolDown: CLOSE_POLICY_VIOLATION,  # refused before the upgrade (HTTP 429), see refusal_for
     AdmissionError: CLOSE_TRY_AGAIN_LATER,
     NotReady: CLOSE_TRY_AGAIN_LATER,
@@ -166,12 +173,20 @@ def build_app(config: ServerConfig, engine: Engine) -> Starlette:
         ready = engine.ready
         return JSONResponse({"status": "ready" if ready else "loading"}, status_code=200 if ready else 503)
 
-    async def websocket(ws: WebSocket) -> None:
-        connection = Connection(ws, NativeProtocol(defaults, engine.info), engine, config,
-                                monitor=metrics.monitor(ws), peers=peers)
+    async def serve(ws: WebSocket, adapter: WireAdapter) -> None:
+        connection = Connection(ws, adapter, engine, config, monitor=metrics.monitor(ws), peers=peers)
         failure = await connection.run()
         if failure is not None:
             await connection.close(*close_for(failure), refusal=refusal_for(failure))
+
+    async def websocket(ws: WebSocket) -> None:
+        await serve(ws, NativeProtocol(defaults, engine.info))
+
+    async def realtime(ws: WebSocket) -> None:
+        # OpenAI's default: no input transcription until the client asks for it.
+        openai_defaults = dataclasses.replace(defaults, transcribe=False)
+        await serve(ws, OpenAIRealtimeProtocol(openai_defaults, engine.info, headers=ws.headers,
+                                               query=ws.query_params))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -196,6 +211,7 @@ def build_app(config: ServerConfig, engine: Engine) -> Starlette:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             WebSocketRoute("/ws", websocket),
+            WebSocketRoute("/v1/realtime", realtime),
             Mount("/static", StaticFiles(directory=static_dir), name="static"),
         ] + ([] if config.metrics_port else [Route("/metrics", metrics_endpoint(metrics, config.api_key))]),
         lifespan=lifespan,

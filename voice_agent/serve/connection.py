@@ -52,7 +52,7 @@ import anyio.abc
 from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from voice_agent.engine.api import Engine, EngineEvent, EngineSession, TurnError
+from voice_agent.engine.api import Engine, EngineEvent, EngineSession, TranscriptEvent, TurnError
 from voice_agent.errors import (
     AuthCoolDown,
     IdleTimeout,
@@ -75,19 +75,27 @@ from voice_agent.serve.peers import PeerGuard, bearer_key, key_matches
 from voice_agent.serve.protocols.adapter import WireAdapter
 from voice_agent.serve.protocols.events import (
     AudioFrame,
+    CancelResponse,
+    ClearInput,
     ClientEvent,
+    CommitInput,
+    CreateItem,
+    CreateResponse,
+    DeleteItem,
     ErrorEvent,
     FieldRejected,
     InterruptRequest,
     PlaybackProgress,
     ResponseAudio,
     ResponseText,
+    RetrieveItem,
     ServerEvent,
     SessionStarted,
     StartSession,
+    TruncateItem,
     UpdateSettings,
 )
-from voice_agent.serve.session import CancelTurn, Output, Session, SubmitTurn
+from voice_agent.serve.session import CancelTurn, EditHistory, Output, Session, StartResponse, SubmitTurn
 
 log = logging.getLogger("voice_agent.serve.connection")
 
@@ -130,7 +138,7 @@ class Connection:
             if key is not None:
                 if not self._check_key(key):
                     return Unauthorized("expected a valid API key on the handshake, got a wrong one")
-        await self.ws.accept()
+        await self.ws.accept(subprotocol=self.adapter.subprotocol)
         failure: Exception | None = None
         counted = self.peers.open(self.peer, time.monotonic())
         try:
@@ -210,16 +218,20 @@ class Connection:
             try:
                 events = self.adapter.decode(data)
             except ProtocolError as e:
-                self._send(self._client_error(error_code(e), str(e)))
+                if e.fatal:
+                    raise
+                self._send(self._client_error(error_code(e), str(e), getattr(e, "event_id", None),
+                                              getattr(e, "param", None)))
                 continue
             self._apply_events(events, now)
 
-    def _client_error(self, code: str, message: str) -> ErrorEvent:
+    def _client_error(self, code: str, message: str, event_id: str | None = None,
+                      param: str | None = None) -> ErrorEvent:
         """A client's mistake, counted: too many end the connection."""
         self._errors += 1
         if self._errors > MAX_PROTOCOL_ERRORS:
             raise TooManyErrors(f"expected at most {MAX_PROTOCOL_ERRORS} bad messages")
-        return ErrorEvent(code, message)
+        return ErrorEvent(code, message, event_id=event_id, param=param)
 
     def _apply_events(self, events: list[ClientEvent], now: float) -> None:
         for event in events:
@@ -229,17 +241,34 @@ class Connection:
         if isinstance(event, StartSession):
             return self._start(event)
         if isinstance(event, FieldRejected):
-            return [self._client_error(event.code, event.message)]
-        assert self.session is not None, "the adapter lets nothing but the session's opening through first"
+            return [self._client_error(event.code, event.message, event.event_id, event.param)]
+        session = self.session
+        assert session is not None, "the adapter lets nothing but the session's opening through first"
         if isinstance(event, AudioFrame):
             self._last_audio = now
-            return self.session.on_audio(event.pcm, now)
+            return session.on_audio(event.pcm, now)
         if isinstance(event, PlaybackProgress):
-            return self.session.on_playback(event.response_id, event.played_ms, now)
+            return session.on_playback(event.response_id, event.played_ms, now)
         if isinstance(event, InterruptRequest):
-            return self.session.on_interrupt_request(event.played_ms, now)
+            return session.on_interrupt_request(event.played_ms, now)
         if isinstance(event, UpdateSettings):
-            return self.session.update_settings(event.settings)
+            return session.update_settings(event.settings)
+        if isinstance(event, CommitInput):
+            return session.on_commit(now, event.event_id)
+        if isinstance(event, ClearInput):
+            return session.on_clear(event.event_id)
+        if isinstance(event, CreateItem):
+            return session.on_create_item(event)
+        if isinstance(event, DeleteItem):
+            return session.on_delete_item(event.item_id, event.event_id)
+        if isinstance(event, RetrieveItem):
+            return session.on_retrieve_item(event.item_id, event.event_id)
+        if isinstance(event, TruncateItem):
+            return session.on_truncate_item(event, now)
+        if isinstance(event, CreateResponse):
+            return session.on_create_response(event, now)
+        if isinstance(event, CancelResponse):
+            return session.on_cancel_response(event.response_id, now, event.event_id)
         raise TypeError(f"expected a client event, got {type(event).__name__}")
 
     def _start(self, event: StartSession) -> list[Output]:
@@ -249,8 +278,10 @@ class Connection:
                 raise Unauthorized(f"expected a valid API key, got {got}")
         if not self.engine.ready:
             raise NotReady("the model is still loading; expected /readyz to answer 200 before connecting")
-        self.engine_session = self.engine.open_session(system_prompt=self.config.system_prompt)
-        self.session = Session(self.engine_session.id, event.settings)
+        prompt = event.settings.instructions if event.settings.instructions is not None else self.config.system_prompt
+        self.engine_session = self.engine.open_session(system_prompt=prompt, on_transcript=self._on_transcript)
+        self.session = Session(self.engine_session.id, event.settings,
+                               conversation_events=self.adapter.conversation_events)
         self._last_audio = time.monotonic()
         assert self._tg is not None
         self._tg.start_soon(self._watch_session, self._last_audio)
@@ -259,11 +290,20 @@ class Connection:
         return [SessionStarted(self.engine_session.id, event.sample_rate_hz, event.output_sample_rate_hz,
                                event.frame_ms, info.model_name, info.demo, event.settings)]
 
+    def _on_transcript(self, event: TranscriptEvent) -> None:
+        """A user transcript from the engine (on the loop)."""
+        if self.session is not None:
+            self._apply(self.session.on_transcript(event))
+
     def _apply(self, outputs: list[Output]) -> None:
         """Carry out a session's outputs in order: engine commands, then events for the client."""
         for out in outputs:
             if isinstance(out, SubmitTurn):
                 self._submit(out)
+            elif isinstance(out, StartResponse):
+                self._respond(out)
+            elif isinstance(out, EditHistory):
+                self._edit(out)
             elif isinstance(out, CancelTurn):
                 if out.generating:  # else its response.done is queued behind its audio and counts it
                     self.outbox.drop(out.response_id)
@@ -277,12 +317,43 @@ class Connection:
         assert self.engine_session is not None and self.session is not None and self._tg is not None
         self.monitor.submitted(cmd.response_id, cmd.speech_end)
         try:
-            stream = self.engine_session.submit_turn(cmd.audio, cmd.settings, speech_end=cmd.speech_end)
+            stream = self.engine_session.submit_turn(
+                cmd.audio, cmd.settings, speech_end=cmd.speech_end, item_id=cmd.user_item or None,
+                reply_id=cmd.reply_item or None, transcribe=cmd.transcribe)
         except TurnRejected as e:
             error = TurnError(error_code(e), str(e))
             self._apply(self.session.on_engine_event(cmd.response_id, error, time.monotonic()))
             return
         self._tg.start_soon(self._pump, cmd.response_id, stream)
+
+    def _respond(self, cmd: StartResponse) -> None:
+        assert self.engine_session is not None and self.session is not None and self._tg is not None
+        self.monitor.submitted(cmd.response_id, cmd.speech_end)
+        try:
+            stream = self.engine_session.respond(cmd.settings, item_id=cmd.reply_item, instructions=cmd.instructions,
+                                                 keep=cmd.keep, speech_end=cmd.speech_end)
+        except (TurnRejected, ValueError) as e:
+            error = TurnError(error_code(e, "turn_rejected"), str(e))
+            self._apply(self.session.on_engine_event(cmd.response_id, error, time.monotonic()))
+            return
+        self._tg.start_soon(self._pump, cmd.response_id, stream)
+
+    def _edit(self, cmd: EditHistory) -> None:
+        """A change to the engine's history; one it refuses (say, audio it cannot take) is the client's error."""
+        es = self.engine_session
+        assert es is not None
+        try:
+            if cmd.op == "add":
+                assert cmd.item is not None
+                es.add_item(cmd.item, after=cmd.after)
+            elif cmd.op == "delete":
+                es.delete_item(cmd.item_id)
+            elif cmd.op == "truncate":
+                es.truncate_item(cmd.item_id, cmd.audio_ms)
+            else:
+                es.set_instructions(cmd.text)
+        except (TurnRejected, ValueError) as e:
+            self._send(self._client_error(error_code(e, "bad_field"), str(e)))
 
     async def _pump(self, response_id: str, stream: AsyncIterator[EngineEvent]) -> None:
         """Forward one response's engine events through the session; an engine failure ends the turn."""

@@ -37,23 +37,50 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal
 
 import numpy as np
 
-from voice_agent.audio import INPUT_SAMPLES_PER_MS
-from voice_agent.engine.api import AudioChunk, EngineEvent, ResponseDone, TextDelta, TurnError, TurnSettings
+from voice_agent.audio import INPUT_SAMPLES_PER_MS, MAX_INPUT_SAMPLES
+from voice_agent.engine.api import (
+    AudioChunk,
+    EngineEvent,
+    HistoryItem,
+    ResponseDone,
+    TextDelta,
+    TranscriptDelta,
+    TranscriptDone,
+    TranscriptEvent,
+    TurnError,
+    TurnSettings,
+)
 from voice_agent.errors import SessionStateError
+from voice_agent.serve.items import ROOT, ItemList
 from voice_agent.serve.protocols.events import (
+    BAD_FIELD,
+    CreateItem,
+    CreateResponse,
     ErrorEvent,
+    InputCleared,
+    InputCommitted,
+    InputTimeout,
     Interrupted,
+    Item,
+    ItemAdded,
+    ItemDeleted,
+    ItemRetrieved,
+    ItemTruncated,
     ResponseAudio,
     ResponseFinished,
+    ResponseOptions,
     ResponseStarted,
     ResponseText,
     ServerEvent,
     SettingsUpdated,
     SpeechStarted,
     SpeechStopped,
+    TruncateItem,
+    UserTranscript,
 )
 from voice_agent.serve.settings import SessionSettings
 from voice_agent.serve.vad import TurnDetector, VadSettings, VadSpeechStarted, VadState
@@ -61,17 +88,49 @@ from voice_agent.serve.vad import TurnDetector, VadSettings, VadSpeechStarted, V
 PLAYED_TOLERANCE_MS = 50.0  # a reported position this close to the end counts as "played it all"
 PLAYBACK_SLACK_S = 0.3  # client without reports: jitter buffer + network allowance after real time
 REPORT_TIMEOUT_S = 3.0  # client with reports: give up waiting for the final report after this
+MIN_COMMIT_MS = 100  # a client's commit needs at least this much audio (as OpenAI's)
+MIN_COMMIT_SAMPLES = MIN_COMMIT_MS * INPUT_SAMPLES_PER_MS
 
 
 @dataclass(frozen=True)
 class SubmitTurn:
-    """Command: start `response_id` on the engine. `speech_end` is the monotonic time the user's speech
-    ended (before the end-of-turn silence), so the turn's timings measure what the user waited."""
+    """Command: the user's speech joins the history as item `user_item`, and `response_id` answers it on
+    the engine as item `reply_item`. `speech_end` is the monotonic time the user's speech ended (before the
+    end-of-turn silence), so the turn's timings measure what the user waited."""
 
     response_id: str
     audio: np.ndarray  # (T,) float32 16 kHz
     settings: TurnSettings
     speech_end: float
+    user_item: str = ""
+    reply_item: str = ""
+    transcribe: bool = False
+
+
+@dataclass(frozen=True)
+class StartResponse:
+    """Command: start `response_id` on the engine, answering the history as it is (a client's
+    response.create); its reply becomes item `reply_item` unless `keep` is False (out of band)."""
+
+    response_id: str
+    reply_item: str
+    settings: TurnSettings
+    instructions: str | None
+    keep: bool
+    speech_end: float
+
+
+@dataclass(frozen=True)
+class EditHistory:
+    """Command: change the engine's history: `add` (`item` after `after`), `delete` / `truncate` (`item_id`,
+    `audio_ms`), or `instructions` (the session's system prompt, `text`)."""
+
+    op: Literal["add", "delete", "truncate", "instructions"]
+    item: HistoryItem | None = None
+    after: str | None = None
+    item_id: str = ""
+    audio_ms: float = 0.0
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +143,7 @@ class CancelTurn:
     generating: bool
 
 
-Output = ServerEvent | SubmitTurn | CancelTurn
+Output = ServerEvent | SubmitTurn | StartResponse | EditHistory | CancelTurn
 
 
 class TurnState(Enum):
@@ -101,6 +160,9 @@ class Trigger(Enum):
     INTERRUPTED = "interrupted"  # the response was cut (barge-in or the client's request)
     TURN_REOPENED = "turn_reopened"  # user speech before the waiting turn's response started
     RESPONSE_FINISHED = "response_finished"  # generated and played
+    TURN_COMMITTED = "turn_committed"  # user speech became an item without a response
+    RESPONSE_REQUESTED = "response_requested"  # the client asked for a response
+    DETECTION_OFF = "detection_off"  # the client turned turn detection off mid-utterance
 
 
 _TRANSITIONS: dict[tuple[TurnState, Trigger], TurnState] = {
@@ -113,6 +175,12 @@ _TRANSITIONS: dict[tuple[TurnState, Trigger], TurnState] = {
     (TurnState.OVERLAP, Trigger.BACKCHANNEL): TurnState.RESPONDING,
     (TurnState.OVERLAP, Trigger.INTERRUPTED): TurnState.USER_SPEAKING,
     (TurnState.OVERLAP, Trigger.RESPONSE_FINISHED): TurnState.USER_SPEAKING,
+    (TurnState.USER_SPEAKING, Trigger.TURN_COMMITTED): TurnState.LISTENING,
+    (TurnState.OVERLAP, Trigger.TURN_COMMITTED): TurnState.RESPONDING,
+    (TurnState.LISTENING, Trigger.RESPONSE_REQUESTED): TurnState.RESPONDING,
+    (TurnState.USER_SPEAKING, Trigger.RESPONSE_REQUESTED): TurnState.OVERLAP,
+    (TurnState.USER_SPEAKING, Trigger.DETECTION_OFF): TurnState.LISTENING,
+    (TurnState.OVERLAP, Trigger.DETECTION_OFF): TurnState.RESPONDING,
 }
 
 
@@ -124,6 +192,10 @@ class _Response:
     audio: np.ndarray  # the user's turn, until submitted
     speech_end: float
     end_of_turn_ms: float
+    user_item: str = ""  # the user item it answers ("" for a client's response.create)
+    item_id: str = ""  # its reply's item
+    options: ResponseOptions = ResponseOptions()
+    cause: Literal["", "turn_detected", "client_cancelled"] = ""
     submitted: bool = False
     generating: bool = True
     audio_ms: float = 0.0  # reply audio queued for the client so far
@@ -134,20 +206,32 @@ class _Response:
 
 
 class Session:
-    """Turn-taking for one conversation. Not thread-safe; call it from one event loop."""
+    """Turn-taking for one conversation. Not thread-safe; call it from one event loop.
+
+    `conversation_events`: emit the item events (`InputCommitted`, `ItemAdded`, ...) of a client that
+    manages the conversation (the OpenAI Realtime endpoint); the native protocol has no use for them."""
 
     def __init__(
-        self, session_id: str, settings: SessionSettings, detector: TurnDetector | None = None
+        self, session_id: str, settings: SessionSettings, detector: TurnDetector | None = None, *,
+        conversation_events: bool = False,
     ) -> None:
         self.id = session_id
         self.settings = settings
         self.detector = detector if detector is not None else TurnDetector(settings.vad)
         self.state = TurnState.LISTENING
+        self.items = ItemList()
+        self.conversation_events = conversation_events
         self._next_vad: VadSettings | None = None
         self._speech_at_ms = 0.0
         self._current: _Response | None = None  # the response the user is hearing (or will)
         self._draining: _Response | None = None  # cancelled, waiting for the engine to confirm
         self._count = 0
+        self._item_count = 0
+        self._speech_item = ""  # the id the user item of the speech in progress will have
+        self._buffer: list[np.ndarray] = []  # input audio since the last commit or clear
+        self._buffered = 0  # samples in _buffer
+        self._quiet_since: float | None = None  # idle timeout: when the last speech or response ended
+        self._heard_ms = 0.0  # input stream time (ms) received so far
 
     # ---- inputs ----------------------------------------------------------------------------------
 
@@ -155,30 +239,51 @@ class Session:
         """Microphone audio ((T,) float32 16 kHz) arrived at `now`."""
         out: list[Output] = []
         self._maybe_finish(now)
+        self._keep(pcm)
+        if not self.settings.turn_detection:
+            return out
         if self._next_vad is not None and self.detector.state is VadState.SILENCE:
             self.detector = TurnDetector(self._next_vad)
             self._next_vad = None
         for ev in self.detector.feed(pcm):
             if isinstance(ev, VadSpeechStarted):
                 self._speech_at_ms = ev.at_ms
-                out.append(SpeechStarted(at_ms=ev.at_ms))
                 waiting = self._current is not None and not self._current.submitted
+                if waiting:
+                    assert self._current is not None
+                    self._speech_item = self._current.user_item
+                else:
+                    self._speech_item = self._new_item_id()
+                self._quiet_since = None
+                out.append(SpeechStarted(at_ms=ev.at_ms, item_id=self._speech_item))
                 self._fire(Trigger.TURN_REOPENED if waiting else Trigger.SPEECH_STARTED)
                 continue
             duration_ms = ev.at_ms - self._speech_at_ms
-            if self.state is TurnState.OVERLAP and duration_ms >= self.settings.min_interruption_ms:
-                self._interrupt(now, out)  # the whole utterance arrived in one piece
-            if self.state is TurnState.OVERLAP:
+            self._quiet_since = now
+            interrupts = self.settings.interrupt_response
+            if self.state is TurnState.OVERLAP and duration_ms >= self.settings.min_interruption_ms and interrupts:
+                self._interrupt(now, out, "turn_detected")  # the whole utterance arrived in one piece
+            if self.state is TurnState.OVERLAP and (interrupts or duration_ms < self.settings.min_interruption_ms):
                 out.append(SpeechStopped(ev.at_ms, duration_ms, turn=False, reason=ev.reason))
                 self._fire(Trigger.BACKCHANNEL)
                 continue
+            if self.state is TurnState.OVERLAP or not self.settings.create_response:
+                # Not answered now: the speech joins the conversation as an item (a later response reads it).
+                item = self._speech_item
+                out.append(SpeechStopped(ev.at_ms, duration_ms, turn=True, reason=ev.reason, item_id=item))
+                self._commit_item(item, ev.audio, out)
+                self._fire(Trigger.TURN_COMMITTED)
+                continue
             r = self._end_turn(ev.audio, now - ev.end_of_turn_ms / 1000.0, ev.end_of_turn_ms)
-            out.append(SpeechStopped(ev.at_ms, duration_ms, turn=True, reason=ev.reason, response_id=r.id))
+            out.append(SpeechStopped(ev.at_ms, duration_ms, turn=True, reason=ev.reason, response_id=r.id,
+                                     item_id=r.user_item))
             self._fire(Trigger.TURN_ENDED)
             if self._draining is None:
                 self._submit(r, out)
-        if self.state is TurnState.OVERLAP and self.detector.voiced_ms >= self.settings.min_interruption_ms:
-            self._interrupt(now, out)
+        if self.state is TurnState.OVERLAP and self.detector.voiced_ms >= self.settings.min_interruption_ms \
+                and self.settings.interrupt_response:
+            self._interrupt(now, out, "turn_detected")
+        self._idle(now, out)
         return out
 
     def on_engine_event(self, response_id: str, event: EngineEvent, now: float) -> list[Output]:
@@ -190,7 +295,7 @@ class Session:
             return out  # a response that already ended
         if isinstance(event, TextDelta) and r is not None:
             out.append(ResponseText(response_id, event.text))
-        elif isinstance(event, AudioChunk) and r is not None:
+        elif isinstance(event, AudioChunk) and r is not None and self._speaks(r):
             r.audio_ms = max(r.audio_ms, event.start_ms + event.duration_ms)
             out.append(ResponseAudio(response_id, event.pcm, event.start_ms))
         elif isinstance(event, (ResponseDone, TurnError)):
@@ -202,10 +307,14 @@ class Session:
             audio_ms = done.sent_ms if draining is not None else done.audio_ms
             if isinstance(event, ResponseDone):
                 timings.update(event.timings.as_ms())
-                out.append(ResponseFinished(response_id, event.reason, event.text, audio_ms, timings))
+                out.append(ResponseFinished(response_id, event.reason, event.text, audio_ms, timings, done.item_id,
+                                            event.input_tokens, event.output_tokens, done.cause))
+                status: Literal["completed", "incomplete"] = "completed" if event.reason == "eos" else "incomplete"
+                self.items.update(done.item_id, text=event.text, audio_ms=audio_ms, status=status)
             else:
                 out.append(ErrorEvent(event.code, event.message))
-                out.append(ResponseFinished(response_id, "error", "", audio_ms, timings))
+                out.append(ResponseFinished(response_id, "error", "", audio_ms, timings, done.item_id))
+                self.items.update(done.item_id, text="", status="incomplete")
             if draining is not None:
                 self._draining = None
                 waiting = self._current
@@ -240,15 +349,140 @@ class Session:
             if played_ms is not None:
                 self.on_playback(self._current.id, played_ms, now)
             if self._current is not None:
-                self._interrupt(now, out)
+                self._interrupt(now, out, "client_cancelled")
         return out
+
+    def on_transcript(self, event: TranscriptEvent) -> list[Output]:
+        """The engine's transcript of a user audio item."""
+        if isinstance(event, TranscriptDelta):
+            return [UserTranscript(event.item_id, delta=event.delta)]
+        if isinstance(event, TranscriptDone):
+            self.items.update(event.item_id, text=event.text)
+            return [UserTranscript(event.item_id, text=event.text, final=True, audio_seconds=event.audio_seconds)]
+        return [UserTranscript(event.item_id, final=True, error=event.message)]
 
     def update_settings(self, settings: SessionSettings) -> list[Output]:
         """New settings for the next turns; VAD changes apply at the next silence."""
+        out: list[Output] = []
         if settings.vad != self.settings.vad:
             self._next_vad = settings.vad
+        if settings.instructions != self.settings.instructions:
+            out.append(EditHistory("instructions", text=settings.instructions))
+        if self.settings.turn_detection and not settings.turn_detection:
+            self.detector.reset()
+            if self.state in (TurnState.USER_SPEAKING, TurnState.OVERLAP):
+                self._fire(Trigger.DETECTION_OFF)
         self.settings = settings
-        return [SettingsUpdated(settings)]
+        out.append(SettingsUpdated(settings))
+        return out
+
+    # ---- the conversation, as a client manages it --------------------------------------------------
+
+    def on_commit(self, now: float, event_id: str | None = None) -> list[Output]:
+        """The client commits the input audio since the last commit as a user item (no response: a
+        `response.create` asks for one, or the session's create_response with turn detection on)."""
+        out: list[Output] = []
+        if self._buffered < MIN_COMMIT_SAMPLES:
+            return [ErrorEvent("input_audio_buffer_commit_empty",
+                               f"expected at least {MIN_COMMIT_MS} ms of audio in the buffer, got "
+                               f"{self._buffered / INPUT_SAMPLES_PER_MS:.0f} ms", event_id=event_id)]
+        audio = np.concatenate(self._buffer)
+        speaking = self.detector.state is VadState.SPEECH and self.settings.turn_detection
+        item = self._speech_item if speaking and self._speech_item else self._new_item_id()
+        self.detector.reset()
+        self._commit_item(item, audio, out)
+        if self.state in (TurnState.USER_SPEAKING, TurnState.OVERLAP):
+            self._fire(Trigger.TURN_COMMITTED)
+        return out
+
+    def on_clear(self, event_id: str | None = None) -> list[Output]:
+        self._buffer, self._buffered = [], 0
+        if self.settings.turn_detection:
+            self.detector.reset()
+            if self.state in (TurnState.USER_SPEAKING, TurnState.OVERLAP):
+                self._fire(Trigger.DETECTION_OFF)
+        return [InputCleared()]
+
+    def on_create_item(self, event: CreateItem) -> list[Output]:
+        item, after = event.item, event.previous_item_id
+        if item.id in self.items:
+            return [ErrorEvent("item_id_exists", f"item.id: expected a new id, got {item.id!r}, which exists",
+                               event_id=event.event_id, param="item.id")]
+        if after is not None and after != ROOT and after not in self.items:
+            return [self._missing(after, event.event_id, "previous_item_id")]
+        out: list[Output] = []
+        self._add(item, after, out)
+        return out
+
+    def on_delete_item(self, item_id: str, event_id: str | None = None) -> list[Output]:
+        if item_id not in self.items:
+            return [self._missing(item_id, event_id, "item_id")]
+        self.items.delete(item_id)
+        return [EditHistory("delete", item_id=item_id), ItemDeleted(item_id)]
+
+    def on_retrieve_item(self, item_id: str, event_id: str | None = None) -> list[Output]:
+        item = self.items.get(item_id)
+        if item is None:
+            return [self._missing(item_id, event_id, "item_id")]
+        return [ItemRetrieved(item)]
+
+    def on_truncate_item(self, event: TruncateItem, now: float) -> list[Output]:
+        """Cut an assistant item to its first `audio_end_ms` (clamped to the audio it had: a client's
+        wall-clock playback position may run past it). The current response is stopped first."""
+        item = self.items.get(event.item_id)
+        if item is None:
+            return [self._missing(event.item_id, event.event_id, "item_id")]
+        if item.role != "assistant":
+            return [ErrorEvent(BAD_FIELD, f"item_id: expected an assistant item, got a {item.role} item",
+                               event_id=event.event_id, param="item_id")]
+        out: list[Output] = []
+        r = self._current
+        if r is not None and r.item_id == item.id and r.submitted:
+            end = round(min(event.audio_end_ms, r.sent_ms), 2)
+            self.on_playback(r.id, end, now)
+            if self._current is r:
+                r.reported_at, r.played_ms = now, end
+                self._interrupt(now, out, "client_cancelled")
+        else:
+            end = round(min(event.audio_end_ms, item.audio_ms), 2)
+            out.append(EditHistory("truncate", item_id=item.id, audio_ms=end))
+        self.items.update(item.id, audio_ms=end, status="incomplete" if end < item.audio_ms else item.status)
+        out.append(ItemTruncated(item.id, event.content_index, end))
+        return out
+
+    def on_create_response(self, event: CreateResponse, now: float) -> list[Output]:
+        """The client asks for a response to the conversation as it is."""
+        busy = self._draining is not None or (self._current is not None and
+                                              (self._current.generating or not self._current.submitted))
+        if busy:
+            return [ErrorEvent("conversation_already_has_active_response",
+                               "expected no response in progress, got one; cancel it or wait for response.done",
+                               event_id=event.event_id)]
+        if self._current is not None:  # generated, still playing: the client moves on
+            self._current = None
+            self._fire(Trigger.RESPONSE_FINISHED)
+        self._count += 1
+        options = event.options
+        r = _Response(f"resp_{self._count}", np.zeros(0, dtype=np.float32), now, 0.0,
+                      item_id=self._new_item_id(), options=options)
+        self._current = r
+        self._fire(Trigger.RESPONSE_REQUESTED)
+        r.submitted = True
+        out: list[Output] = [ResponseStarted(r.id, r.item_id, options)]
+        if options.keep:
+            self.items.add(Item(r.item_id, "assistant", text="", status="in_progress", kind=self._kind(r)))
+        turn = options.turn if options.turn is not None else self.settings.turn
+        out.append(StartResponse(r.id, r.item_id, turn, options.instructions, options.keep, now))
+        return out
+
+    def on_cancel_response(self, response_id: str | None, now: float, event_id: str | None = None) -> list[Output]:
+        """Stop the response being generated; nothing to stop is not an error (a client may cancel right
+        after a truncate or a barge-in ended it)."""
+        out: list[Output] = []
+        r = self._current
+        if r is not None and r.submitted and r.generating and response_id in (None, r.id):
+            self._interrupt(now, out, "client_cancelled")
+        return out
 
     # ---- internals -------------------------------------------------------------------------------
 
@@ -257,6 +491,68 @@ class Session:
             self.state = _TRANSITIONS[(self.state, trigger)]
         except KeyError:
             raise SessionStateError(f"no transition from {self.state.value} on {trigger.value}") from None
+
+    def _new_item_id(self) -> str:
+        self._item_count += 1
+        return f"item_{self.id}_{self._item_count}"
+
+    def _keep(self, pcm: np.ndarray) -> None:
+        """Input audio since the last commit, the newest MAX_INPUT_SAMPLES of it."""
+        self._heard_ms += len(pcm) / INPUT_SAMPLES_PER_MS
+        self._buffer.append(pcm)
+        self._buffered += len(pcm)
+        while self._buffered - len(self._buffer[0]) >= MAX_INPUT_SAMPLES:
+            self._buffered -= len(self._buffer.pop(0))
+
+    def _kind(self, r: _Response) -> Literal["text", "audio"]:
+        return "text" if r.options.modality == "text" or self.settings.modality == "text" else "audio"
+
+    def _speaks(self, r: _Response) -> bool:
+        return self._kind(r) == "audio"
+
+    def _missing(self, item_id: str, event_id: str | None, param: str) -> ErrorEvent:
+        shown = item_id if len(item_id) <= 64 else item_id[:64] + "..."
+        return ErrorEvent("item_not_found", f"{param}: expected the id of an item in the conversation, got "
+                          f"{shown!r}", event_id=event_id, param=param)
+
+    def _add(self, item: Item, after: str | None, out: list[Output]) -> None:
+        """A user, assistant or system item joins the conversation (and the engine's history)."""
+        previous = self.items.add(item, after)
+        transcribe = self.settings.transcribe and item.audio is not None
+        history = HistoryItem(item.id, item.role, text=item.text if item.audio is None else None,
+                              audio=item.audio, transcribe=transcribe)
+        out.append(EditHistory("add", item=history, after=after))
+        if self.conversation_events:
+            out.append(ItemAdded(item, previous))
+
+    def _commit_item(self, item_id: str, audio: np.ndarray, out: list[Output]) -> None:
+        self._buffer, self._buffered = [], 0
+        previous = self.items.last_id
+        if self.conversation_events:
+            out.append(InputCommitted(item_id, previous))
+        self._add(Item(item_id, "user", audio=audio, kind="audio"), None, out)
+
+    def _idle(self, now: float, out: list[Output]) -> None:
+        """server_vad's idle timeout: no speech for `idle_timeout_ms` after a response played out commits the
+        silence as a turn, so the model speaks up."""
+        idle_ms = self.settings.idle_timeout_ms
+        if idle_ms is None or self.state is not TurnState.LISTENING or self._quiet_since is None:
+            return
+        if (now - self._quiet_since) * 1000.0 < idle_ms or self._buffered < MIN_COMMIT_SAMPLES:
+            return
+        self._quiet_since = None
+        item = self._new_item_id()
+        end = self._heard_ms
+        out.append(InputTimeout(max(0.0, end - idle_ms), end, item))
+        audio = np.concatenate(self._buffer)[-MAX_INPUT_SAMPLES:]
+        if not self.settings.create_response:
+            self._commit_item(item, audio, out)
+            return
+        self._count += 1
+        r = _Response(f"resp_{self._count}", audio, now, 0.0, user_item=item, item_id=self._new_item_id())
+        self._current = r
+        self._fire(Trigger.RESPONSE_REQUESTED)
+        self._submit(r, out)
 
     def _end_turn(self, audio: np.ndarray, speech_end: float, end_of_turn_ms: float) -> _Response:
         """The response answering a turn that just ended: a new one, or the waiting one it joins."""
@@ -267,13 +563,22 @@ class Session:
             r.speech_end, r.end_of_turn_ms = speech_end, end_of_turn_ms
             return r
         self._count += 1
-        self._current = _Response(f"resp_{self._count}", audio, speech_end, end_of_turn_ms)
+        self._current = _Response(f"resp_{self._count}", audio, speech_end, end_of_turn_ms,
+                                  user_item=self._speech_item or self._new_item_id(), item_id=self._new_item_id())
         return self._current
 
     def _submit(self, r: _Response, out: list[Output]) -> None:
         r.submitted = True
-        out.append(ResponseStarted(r.id))
-        out.append(SubmitTurn(r.id, r.audio, self.settings.turn, r.speech_end))
+        self._buffer, self._buffered = [], 0
+        if self.conversation_events:
+            out.append(InputCommitted(r.user_item, self.items.last_id))
+        previous = self.items.add(Item(r.user_item, "user", audio=r.audio, kind="audio"))
+        if self.conversation_events:
+            out.append(ItemAdded(Item(r.user_item, "user", audio=r.audio, kind="audio"), previous))
+        self.items.add(Item(r.item_id, "assistant", text="", status="in_progress", kind=self._kind(r)))
+        out.append(ResponseStarted(r.id, r.item_id, r.options))
+        transcribe = self.settings.transcribe
+        out.append(SubmitTurn(r.id, r.audio, self.settings.turn, r.speech_end, r.user_item, r.item_id, transcribe))
         r.audio = np.zeros(0, dtype=np.float32)
 
     def _played(self, r: _Response, now: float) -> float:
@@ -283,16 +588,19 @@ class Session:
             return r.played_ms
         return max(0.0, r.sent_ms - max(0.0, r.play_end_at - now) * 1000.0)
 
-    def _interrupt(self, now: float, out: list[Output]) -> None:
+    def _interrupt(self, now: float, out: list[Output], cause: Literal["turn_detected", "client_cancelled"]) -> None:
         r = self._current
         assert r is not None and r.submitted, "interrupt without a started response"
         self._current = None
+        r.cause = cause
         self._fire(Trigger.INTERRUPTED)
         played = round(self._played(r, now), 2)
         out.append(CancelTurn(r.id, played, generating=r.generating))
         out.append(Interrupted(r.id, played))
         if r.generating:
             self._draining = r
+        else:
+            self.items.update(r.item_id, audio_ms=played, status="incomplete")
 
     def _maybe_finish(self, now: float) -> None:
         """End RESPONDING when the current response is generated and played out."""
@@ -308,4 +616,5 @@ class Session:
             finished = now >= r.play_end_at + PLAYBACK_SLACK_S
         if finished:
             self._current = None
+            self._quiet_since = now
             self._fire(Trigger.RESPONSE_FINISHED)

@@ -184,6 +184,14 @@ class TurnDetector:
         self._last_voiced_frame = 0
         self._unvoiced_run = 0
 
+    def reset(self) -> None:
+        """Forget the speech in progress (the client committed the audio itself); stream time goes on."""
+        self.state = VadState.SILENCE
+        self._recent.clear()
+        self._voiced_run = 0
+        self._turn = []
+        self._unvoiced_run = 0
+
     @property
     def voiced_ms(self) -> float:
         """While speaking: from the start of speech to the end of the latest voiced frame; else 0."""

@@ -18,6 +18,8 @@ Its parts:
 - auth: besides the generic `Authorization: Bearer KEY` header, a key may come from the handshake
   (`handshake_key`, e.g. a query parameter or subprotocol the format defines) or from the opening event
   (`StartSession.key`);
+- the handshake's answer: `subprotocol`, chosen from what the client offered;
+- whether the session emits item events (`conversation_events`) for a format that exposes the conversation;
 - the fatal error: before the close frame the connection sends `encode(ErrorEvent(..., fatal=True))`; a
   format without an error message returns [] there.
 """
@@ -34,6 +36,8 @@ class WireAdapter(Protocol):
     """One connection's wire format; see the module docstring."""
 
     start_timeout_s: float  # the session must open (a StartSession) within this of the accept
+    subprotocol: str | None  # the WebSocket subprotocol to answer the client with (None: none)
+    conversation_events: bool  # the client manages the conversation's items (the session's item events)
 
     def handshake_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         """An API key the WebSocket handshake carries other than a Bearer header, or None."""

@@ -83,6 +83,8 @@ class FieldRejected:
 
     code: str
     message: str
+    event_id: str | None = None
+    param: str | None = None
 
 
 # Conversation control (the OpenAI Realtime endpoint; a native client uses none of these). `event_id` is the
@@ -305,6 +307,16 @@ class InputCleared:
 
 
 @dataclass(frozen=True)
+class InputTimeout:
+    """No user speech for the idle timeout after a response: the input from `audio_start_ms` to
+    `audio_end_ms` (input stream time) becomes user item `item_id`."""
+
+    audio_start_ms: float
+    audio_end_ms: float
+    item_id: str
+
+
+@dataclass(frozen=True)
 class ItemAdded:
     """`item` joined the conversation after `previous_item_id` (None: first). `done` False for an item
     still being generated (a reply's assistant item; `ItemDone` follows)."""
@@ -362,6 +374,7 @@ ServerEvent = (
     | ErrorEvent
     | InputCommitted
     | InputCleared
+    | InputTimeout
     | ItemAdded
     | ItemDone
     | ItemDeleted

@@ -62,8 +62,16 @@ from voice_agent.serve.protocols.events import (
     ClientEvent,
     ErrorEvent,
     FieldRejected,
+    InputCleared,
+    InputCommitted,
+    InputTimeout,
     Interrupted,
     InterruptRequest,
+    ItemAdded,
+    ItemDeleted,
+    ItemDone,
+    ItemRetrieved,
+    ItemTruncated,
     PlaybackProgress,
     ResponseAudio,
     ResponseFinished,
@@ -76,6 +84,7 @@ from voice_agent.serve.protocols.events import (
     SpeechStopped,
     StartSession,
     UpdateSettings,
+    UserTranscript,
 )
 from voice_agent.serve.settings import SessionSettings
 
@@ -97,6 +106,11 @@ TURN_OPTIONS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
+# Server events about the conversation's items: only an endpoint whose clients manage items sends them.
+CONVERSATION_EVENTS = (InputCommitted, InputCleared, InputTimeout, ItemAdded, ItemDone, ItemDeleted, ItemRetrieved,
+                       ItemTruncated)
+
+
 class WireState(Enum):
     AWAITING_START = "awaiting_start"
     OPEN = "open"
@@ -115,6 +129,8 @@ class NativeProtocol:
         self.output_sample_rate_hz = OUTPUT_SAMPLE_RATE
         self.frame_ms = DEFAULT_FRAME_MS
         self.start_timeout_s = START_TIMEOUT_S
+        self.subprotocol: str | None = None
+        self.conversation_events = False
         self._in: Resampler | None = None
         self._out: Resampler | None = None
 
@@ -252,6 +268,8 @@ class NativeProtocol:
                     self._out = Resampler(OUTPUT_SAMPLE_RATE, self.output_sample_rate_hz)
                 pcm = self._out.process(pcm)
             return [float_to_pcm16(pcm)] if len(pcm) else []
+        if isinstance(event, CONVERSATION_EVENTS):
+            return []  # the native protocol does not expose the conversation's items
         messages: list[str | bytes] = []
         if isinstance(event, (ResponseStarted, Interrupted)):
             self._out = None  # a new reply starts a fresh resampler; a cut one drops its tail
@@ -281,10 +299,14 @@ def _wire(event: ServerEvent) -> dict[str, Any]:
     if isinstance(event, SettingsUpdated):
         return {"type": "session.updated", "settings": settings_json(event.settings)}
     if isinstance(event, SpeechStarted):
-        return {"type": "speech.started", "at_ms": event.at_ms}
+        return {"type": "speech.started", "at_ms": event.at_ms, "item_id": event.item_id}
     if isinstance(event, SpeechStopped):
         return {"type": "speech.stopped", "at_ms": event.at_ms, "duration_ms": event.duration_ms,
-                "turn": event.turn, "reason": event.reason, "response_id": event.response_id}
+                "turn": event.turn, "reason": event.reason, "response_id": event.response_id,
+                "item_id": event.item_id}
+    if isinstance(event, UserTranscript):
+        return {"type": "transcript", "item_id": event.item_id, "delta": event.delta, "text": event.text,
+                "final": event.final, "error": event.error}
     if isinstance(event, ResponseStarted):
         return {"type": "response.started", "response_id": event.response_id}
     if isinstance(event, ResponseText):

@@ -76,6 +76,7 @@ from voice_agent.serve.protocols.events import (
     FieldRejected,
     InputCleared,
     InputCommitted,
+    InputTimeout,
     Interrupted,
     Item,
     ItemAdded,
@@ -204,6 +205,7 @@ class OpenAIRealtimeProtocol:
         self.defaults = defaults
         self.engine = engine
         self.start_timeout_s = START_TIMEOUT_S
+        self.conversation_events = True
         self._headers = {k.lower(): v for k, v in (headers or {}).items()}
         offered = _subprotocols(self._headers)
         self.subprotocol: str | None = SUBPROTOCOL if SUBPROTOCOL in offered else None
@@ -603,6 +605,9 @@ class OpenAIRealtimeProtocol:
                      "previous_item_id": event.previous_item_id}]
         if isinstance(event, InputCleared):
             return [{"type": "input_audio_buffer.cleared"}]
+        if isinstance(event, InputTimeout):
+            return [{"type": "input_audio_buffer.timeout_triggered", "audio_start_ms": round(event.audio_start_ms),
+                     "audio_end_ms": round(event.audio_end_ms), "item_id": event.item_id}]
         if isinstance(event, ItemAdded):
             self._last_item_id = event.item.id
             added = {"type": "conversation.item.added", "previous_item_id": event.previous_item_id,
