@@ -17,6 +17,7 @@ const stats = {
   connected: false, sessionId: null, framesSent: 0, framesDropped: 0, micRmsMax: 0,
   events: [], order: [], audioSamples: 0, playedSamples: 0, played: {}, responsesStarted: 0,
   interrupted: [], flushed: [], progressAfterCut: 0, errors: [], closeCode: null, lastTimings: null,
+  transcripts: [],
 };
 window.voiceAgent = stats;
 
@@ -116,7 +117,8 @@ async function start() {
 
     const ws = new WebSocket(wsUrl());
     ws.binaryType = "arraybuffer";
-    conn = { stream, micCtx, playCtx, capture, player, ws, started: false, rid: null, cut: new Set(), entries: {} };
+    conn = { stream, micCtx, playCtx, capture, player, ws, started: false, rid: null, cut: new Set(), entries: {},
+      transcripts: {} };
     ws.onopen = () => ws.send(JSON.stringify(startMessage(micCtx.sampleRate, playCtx.sampleRate)));
     ws.onmessage = (e) => onMessage(e.data);
     ws.onclose = (e) => onClose(e);
@@ -230,6 +232,9 @@ function onMessage(data) {
       }
       showTimings(ev);
       break;
+    case "transcript":
+      showTranscript(ev);
+      break;
     case "interrupted":
       cut(ev.response_id);
       stats.interrupted.push({ rid: ev.response_id, played_ms: ev.played_ms });
@@ -280,6 +285,31 @@ function addUserTurn(ev) {
   const li = addEntry(ev.turn ? "user" : "user ignored");
   const seconds = (ev.duration_ms / 1000).toFixed(1);
   li.querySelector(".text").textContent = ev.turn ? `(you spoke ${seconds} s)` : `(short sound, ${seconds} s: not an interruption)`;
+  if (ev.turn && ev.item_id) {
+    li.dataset.item = ev.item_id;
+    const early = conn.transcripts[ev.item_id];  // a transcript can only follow its turn, but be safe
+    if (early) showTranscript(early);
+  }
+}
+
+// The user's own words (Whisper's transcript of the turn) replace the "(you spoke N s)" placeholder.
+function showTranscript(ev) {
+  stats.transcripts.push(ev);
+  const li = document.querySelector(`#transcript li[data-item="${CSS.escape(ev.item_id)}"]`);
+  if (!li) {
+    conn.transcripts[ev.item_id] = ev;
+    return;
+  }
+  const text = li.querySelector(".text");
+  if (ev.error) {
+    li.title = ev.error;  // no transcriber: the placeholder stays, the reason is a hover away
+  } else if (ev.final) {
+    text.textContent = ev.text;
+  } else {
+    if (!li.dataset.words) text.textContent = "";
+    li.dataset.words = "1";
+    text.textContent += ev.delta;
+  }
 }
 
 function addAssistantTurn() {

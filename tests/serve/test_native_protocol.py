@@ -68,6 +68,7 @@ ERRORS = [
      "max_turn_ms: expected an integer 1000..30000"),
     ([], '{"type": "start", "temperature": "hot"}', "bad_field", "temperature: expected a number, got 'hot'"),
     ([], '{"type": "start", "seed": 1.5}', "bad_field", "seed: expected an integer, got 1.5"),
+    ([], '{"type": "start", "transcribe": "yes"}', "bad_field", "transcribe: expected true or false, got 'yes'"),
     ([], '{"type": "start", "vad": [1]}', "bad_field", "vad: expected an object, got list"),
     ([], '{"type": "start", "temperature": 9}', "bad_field", "temperature: expected a number in [0, 2], got 9"),
     ([], '{"type": "start", "temperature": NaN}', "bad_field", "temperature: expected a number in [0, 2], got nan"),
@@ -203,7 +204,7 @@ def test_audio_at_48k_is_resampled_to_16k_streaming() -> None:
 DEFAULT_SETTINGS_JSON = {
     "vad": {"kind": "webrtc", "aggressiveness": 2, "frame_ms": 20, "speech_start_ms": 150, "silence_ms": 500,
             "prefix_padding_ms": 300, "max_turn_ms": 30000, "silero_threshold": 0.5, "min_interruption_ms": 400},
-    "voice": None, "temperature": None, "max_new_tokens": None, "seed": None,
+    "voice": None, "temperature": None, "max_new_tokens": None, "seed": None, "transcribe": False,
 }
 
 # (server event, expected JSON)
@@ -274,6 +275,7 @@ ROUND_TRIP = [
     (("temperature",), 0.7),
     (("max_new_tokens",), 64),
     (("seed",), 7),
+    (("transcribe",), True),
 ]
 
 

@@ -119,7 +119,8 @@ def test_page_talks_is_interrupted_and_takes_the_next_turn(server_url: str, mic_
         driver.get(server_url)
         WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "demo-banner").is_displayed())
         driver.find_element(By.ID, "start").click()
-        done = "const s = window.voiceAgent; return s.interrupted.length >= 1 && (s.played['resp_2'] || 0) > 0"
+        done = ("const s = window.voiceAgent; return s.interrupted.length >= 1 && (s.played['resp_2'] || 0) > 0"
+                " && s.transcripts.some((t) => t.final)")
         try:
             WebDriverWait(driver, 30, poll_frequency=0.1).until(lambda d: d.execute_script(done))
         except Exception:
@@ -128,6 +129,9 @@ def test_page_talks_is_interrupted_and_takes_the_next_turn(server_url: str, mic_
             raise
         stats = driver.execute_script("return window.voiceAgent")
         transcript = driver.find_element(By.ID, "transcript").text
+        first_user = driver.execute_script(
+            "const li = document.querySelector('#transcript li.user'); "
+            "return {item: li.dataset.item, text: li.querySelector('.text').textContent}")
     finally:
         driver.quit()
 
@@ -152,3 +156,7 @@ def test_page_talks_is_interrupted_and_takes_the_next_turn(server_url: str, mic_
     # ... and the second utterance became the next turn, which played.
     assert stats["responsesStarted"] >= 2 and stats["played"]["resp_2"] > 0
     assert stats["errors"] == []
+    # The user's words (Whisper's text decoder on the turn's encoder output) replaced the placeholder.
+    final = next(t for t in stats["transcripts"] if t["final"])
+    assert final["error"] is None and final["item_id"] == first_user["item"]
+    assert first_user["text"] == final["text"] and "(you spoke" not in first_user["text"]

@@ -71,6 +71,10 @@ class ServerConfig:
                                  "0.9 GB per session with the default window); 'off': recompute the window "
                                  "every block", choices=("on", "off"))
     system_prompt: str | None = _opt(None, "system prompt of every conversation (default: the model's)")
+    transcripts: str = _opt("on", "'on': transcribe users' speech with Whisper large-v3's text decoder (needs its "
+                                  "weights: voice-agent download --whisper; native sessions get them unless they "
+                                  "say transcribe: false, OpenAI Realtime sessions when they ask); 'off': never "
+                                  "load the decoder", choices=("on", "off"))
     voice: str | None = _opt(None, "default voice name (clients may choose another)")
     api_key: str | None = _opt(None, "if set, every WebSocket needs it (Authorization: Bearer KEY, "
                                      "or 'key' in the start message)")
@@ -155,12 +159,12 @@ class ServerConfig:
             max_turn_ms=self.max_turn_ms,
         )
         return SessionSettings(vad=vad, turn=TurnSettings(voice=self.voice),
-                               min_interruption_ms=self.min_interruption_ms)
+                               min_interruption_ms=self.min_interruption_ms, transcribe=self.transcripts == "on")
 
     def engine_options(self) -> tuple[ModelChoice, EngineConfig]:
         """What `voice_agent.engine.build.build_engine` needs: the model to load and the engine's limits."""
         model = ModelChoice(self.model_dir, self.vocoder_dir, self.whisper, self.device, self.dtype,
-                            unpadded=self.encoder_input == "unpadded")
+                            unpadded=self.encoder_input == "unpadded", transcripts=self.transcripts == "on")
         engine = EngineConfig(
             max_sessions=self.max_sessions,
             max_new_tokens=min(EngineConfig.max_new_tokens, self.max_reply_tokens),

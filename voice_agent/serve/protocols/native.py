@@ -9,7 +9,7 @@ streaming resamplers between the client's rates and the model's 16 kHz in / 24 k
 come within START_TIMEOUT_S; a key may come in `start` (never in the URL, to keep it out of logs).
 
 Settings on the wire (`settings_json`, and `_settings` reading `start` / `update`): {"vad": {every
-VadSettings field, plus min_interruption_ms}, "voice", "temperature", "max_new_tokens", "seed"}. What
+VadSettings field, plus min_interruption_ms}, "voice", "temperature", "max_new_tokens", "seed", "transcribe"}. What
 `session.started` / `session.updated` echo is accepted unchanged by `update` and gives the same settings.
 `vad.kind` is the server's choice (`--vad`): accepted when equal to it, refused otherwise. The turn options
 are checked against the engine (`EngineInfo.check_turn`: a voice it knows, a reply no longer than its
@@ -24,7 +24,7 @@ Wire format (full description and an example exchange: docs/protocol.md):
 - client binary: PCM16 little-endian mono at the start message's `sample_rate`, at most
   MAX_FRAMES_PER_MESSAGE frames of `frame_ms` per message
 - server text: {"type": "session.started" | "session.updated" | "speech.started" | "speech.stopped" |
-  "response.started" | "text.delta" | "response.done" | "interrupted" | "error", ...}
+  "transcript" | "response.started" | "text.delta" | "response.done" | "interrupted" | "error", ...}
 - server binary: PCM16 little-endian mono reply audio of the latest `response.started`, at the start
   message's `output_sample_rate`; interleaved with that response's `text.delta` messages.
 """
@@ -167,7 +167,7 @@ class NativeProtocol:
         if self.state is not WireState.OPEN:
             raise ProtocolError(START_REQUIRED, f"expected a 'start' message first, got {kind!r}")
         if kind == "update":
-            _only(obj, ("type", "vad", *TURN_OPTIONS))
+            _only(obj, ("type", "vad", "transcribe", *TURN_OPTIONS))
             self.settings = self._settings(obj, base=self.settings)
             return [UpdateSettings(self.settings)]
         if kind == "playback":
@@ -185,7 +185,8 @@ class NativeProtocol:
     def _decode_start(self, obj: dict[str, Any]) -> StartSession:
         if self.state is WireState.OPEN:
             raise ProtocolError(DUPLICATE_START, "expected one 'start' per connection, got a second")
-        _only(obj, ("type", "sample_rate", "frame_ms", "output_sample_rate", "vad", "key", *TURN_OPTIONS))
+        _only(obj, ("type", "sample_rate", "frame_ms", "output_sample_rate", "vad", "key", "transcribe",
+                    *TURN_OPTIONS))
         rate = _choice(obj, "sample_rate", SAMPLE_RATES_HZ, INPUT_SAMPLE_RATE)
         out_rate = _choice(obj, "output_sample_rate", SAMPLE_RATES_HZ, OUTPUT_SAMPLE_RATE)
         frame_ms = obj.get("frame_ms", DEFAULT_FRAME_MS)
@@ -224,12 +225,16 @@ class NativeProtocol:
             kinds, expected = TURN_OPTIONS[name]
             if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
                 raise ProtocolError(BAD_FIELD, f"{name}: expected {expected}, got {value!r}")
+        transcribe = obj.get("transcribe", base.transcribe)
+        if not isinstance(transcribe, bool):
+            raise ProtocolError(BAD_FIELD, f"transcribe: expected true or false, got {transcribe!r}")
         try:
             settings = dataclasses.replace(
                 base,
                 vad=dataclasses.replace(base.vad, **vad_changes),
                 turn=dataclasses.replace(base.turn, **turn_changes),
                 min_interruption_ms=vad.get("min_interruption_ms", base.min_interruption_ms),
+                transcribe=transcribe,
             )
             if self.engine is not None:
                 self.engine.check_turn(settings.turn)
@@ -286,7 +291,7 @@ def settings_json(settings: SessionSettings) -> dict[str, Any]:
     """The wire form of settings (session.started, session.updated, GET /api/info); `update` takes it as is."""
     vad: dict[str, Any] = {k: getattr(settings.vad, k) for k in VAD_OPTIONS if k != "min_interruption_ms"}
     vad["min_interruption_ms"] = settings.min_interruption_ms
-    return {"vad": vad, **{k: getattr(settings.turn, k) for k in TURN_OPTIONS}}
+    return {"vad": vad, **{k: getattr(settings.turn, k) for k in TURN_OPTIONS}, "transcribe": settings.transcribe}
 
 
 def _wire(event: ServerEvent) -> dict[str, Any]:
