@@ -238,7 +238,9 @@ class Engine:
                 command = self._commands.get(block=idle)
             except queue.Empty:
                 command = None
-            deadline = time.monotonic() + window if idle else 0.0
+            # No turn in flight (at most background work: transcripts): wait the admission window as an idle
+            # engine does, so turns that arrive together still start in one batch.
+            deadline = time.monotonic() + window if not worker.turns else 0.0
             while command is not None:
                 if isinstance(command, Stop):
                     worker.close_all()
