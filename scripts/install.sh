@@ -32,3 +32,6 @@ python -c "import torch" 2>/dev/null || pip install -q "${torch_index[@]}" "torc
 PYTHONWARNINGS="ignore:Editable installation" pip install -q -e ".${extra}"
 python -c "import whisper" 2>/dev/null || pip install -q --no-deps openai-whisper==20250625
 python -c "import torch, whisper, transformers, webrtcvad; print('voice-agent installed: torch', torch.__version__)"
+if [[ -n "$extra" ]]; then  # the Realtime clients of the tests and the server share one websockets
+  python -c "import openai, agents.realtime, websockets; print('test clients: openai', openai.__version__, 'websockets', websockets.__version__)"
+fi
