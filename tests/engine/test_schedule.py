@@ -7,7 +7,8 @@ import pytest
 from voice_agent.engine.schedule import FINAL_UNIT_LIMIT, Read, ReadWriteSchedule, SchedulePhase
 
 
-def run(n_text: int, eos_after: dict[int, int] | None = None, final_units: int = FINAL_UNIT_LIMIT):
+def run(n_text: int, eos_after: dict[int, int] | None = None, final_units: int = FINAL_UNIT_LIMIT,
+        cut: bool = False):
     """Drive a schedule over `n_text` text tokens (the last one finishes the text).
 
     `eos_after` maps a read index to the number of units written before the TTS eos in that block;
@@ -18,7 +19,7 @@ def run(n_text: int, eos_after: dict[int, int] | None = None, final_units: int =
     reads: list[Read] = []
     unit = 0
     for t in range(n_text):
-        read = schedule.text_token(finished=t == n_text - 1)
+        read = schedule.text_token(finished=t == n_text - 1, cut=cut and t == n_text - 1)
         if read is None:
             assert schedule.phase is SchedulePhase.READING
             continue
@@ -68,6 +69,17 @@ def test_final_block_stops_at_its_limit_without_eos() -> None:
     schedule, reads = run(4, final_units=25)
     assert [len(b) for b in schedule.unit_blocks] == [10, 25]
     assert schedule.done and schedule.units_left == 0
+
+
+def test_a_reply_cut_by_its_length_limit_stops_speaking_within_two_blocks() -> None:
+    # No TTS eos ever (a model that never ends its speech): the final block would run to final_units...
+    schedule, _ = run(4)
+    assert [len(b) for b in schedule.unit_blocks] == [10, FINAL_UNIT_LIMIT]
+    # ...unless the text was cut by max_new_tokens: then two blocks' worth at most (0.8 s at 25 units/s).
+    schedule, reads = run(4, cut=True)
+    assert reads[-1].max_units == 2 * 10 and [len(b) for b in schedule.unit_blocks] == [10, 20]
+    schedule, _ = run(4, final_units=12, cut=True)  # a smaller final limit still wins
+    assert [len(b) for b in schedule.unit_blocks] == [10, 12]
 
 
 def test_eos_inside_a_block_ends_that_block_only() -> None:

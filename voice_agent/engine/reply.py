@@ -216,7 +216,9 @@ def _take_text(lm: SpeechLM, replies: Sequence[Reply], hidden: torch.Tensor, log
         elif len(reply.text_ids) >= reply.max_new_tokens:
             reply.finish_reason = "max_tokens"
         reply.next_token = None if reply.finish_reason else token
-        read = reply.schedule.text_token(finished=reply.finish_reason is not None)
+        # A reply cut by its length limit stops speaking soon after (not with forced benchmark lengths).
+        cut = reply.finish_reason == "max_tokens" and reply.tts_eos_allowed
+        read = reply.schedule.text_token(finished=reply.finish_reason is not None, cut=cut)
         if read is not None:
             reply.reads.append(read)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 FINAL_UNIT_LIMIT = 1024  # TTS tokens written after the final read, at most (the reference's max_new_tokens)
+CUT_FINAL_BLOCKS = 2  # a reply cut by its text limit writes at most this many blocks' units after its last read
 
 
 class SchedulePhase(Enum):
@@ -92,8 +93,11 @@ class ReadWriteSchedule:
     def done(self) -> bool:
         return self.phase is SchedulePhase.DONE
 
-    def text_token(self, finished: bool = False) -> Read | None:
+    def text_token(self, finished: bool = False, cut: bool = False) -> Read | None:
         """Record one LLM text token; `finished` when it ends the text (eos sampled, or max tokens reached).
+        `cut`: the text was cut by its length limit, so the final block may write at most CUT_FINAL_BLOCKS
+        blocks' worth of units (the speech stops soon after the last text token instead of running on to
+        `final_units`, which a model that never writes its end of speech would reach).
 
         Returns the read to perform now, or None (none is due, or a block is in progress and the due
         read is queued; take it with `next_read` once the block ends).
@@ -110,7 +114,8 @@ class ReadWriteSchedule:
                     start=self._read_up_to,
                     stop=self.text_tokens,
                     append_sep=finished,
-                    max_units=self.final_units if finished else self.write_units,
+                    max_units=(min(self.final_units, CUT_FINAL_BLOCKS * self.write_units) if cut
+                               else self.final_units) if finished else self.write_units,
                 )
             )
             self._read_up_to = self.text_tokens
