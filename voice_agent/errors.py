@@ -134,6 +134,12 @@ class SessionTooLong(VoiceAgentError):
     code = "session_too_long"
 
 
+class SessionEnded(VoiceAgentError):
+    """The client ended the session in its own protocol (a phone call hung up); a normal close."""
+
+    code = "session_ended"
+
+
 class AdmissionError(VoiceAgentError):
     """The engine is full (sessions or KV memory); the reason says which limit was hit."""
 

@@ -47,6 +47,7 @@ class ToyWire:
     start_timeout_s = 1.0
     subprotocol = None
     conversation_events = False
+    pace_lead_ms = None
 
     def __init__(self, defaults: SessionSettings) -> None:
         self.defaults = defaults
@@ -56,6 +57,9 @@ class ToyWire:
 
     def on_accept(self) -> list[ClientEvent]:
         return [StartSession(self.defaults, INPUT_SAMPLE_RATE, 20, OUTPUT_SAMPLE_RATE)]
+
+    def audio_ms(self, message: str | bytes) -> float:
+        return 0.0
 
     def decode(self, message: str | bytes) -> list[ClientEvent]:
         if isinstance(message, str):

@@ -46,6 +46,7 @@ from voice_agent.errors import (
     IdleTimeout,
     NoStart,
     NotReady,
+    SessionEnded,
     SessionTooLong,
     SlowClient,
     TooManyConnections,
@@ -96,6 +97,7 @@ CLOSE_CODES: dict[type[Exception], int] = {
     NoStart: CLOSE_NO_START,
     IdleTimeout: CLOSE_IDLE,
     SessionTooLong: CLOSE_SESSION_TOO_LONG,
+    SessionEnded: CLOSE_NORMAL,  # the client ended it in its protocol (a carrier's stop)
 }
 
 

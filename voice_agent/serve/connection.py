@@ -7,6 +7,9 @@ The task group holds:
 - one pump per response, reading the engine's event stream into the `Session`; it never waits on the
   client either (an engine failure in a turn becomes an `error` event for this client only);
 - the send loop, writing the `Outbox` to the socket at the client's pace;
+- for an adapter that asks for pacing (`pace_lead_ms`, a phone carrier), the pacer: every message goes
+  through a `PacedQueue` (voice_agent.serve.pacing) that releases reply audio to the outbox in real time,
+  at most the lead ahead of playback; an interrupted response's unsent audio leaves it too;
 - the slow-client watch: a client that stays behind for `slow_client_ms` is closed with `SlowClient`;
 - once the session is open, the session watch: no audio for `idle_timeout_s` ends it (`IdleTimeout`), and
   so does reaching `max_session_s` (`SessionTooLong`).
@@ -59,6 +62,7 @@ from voice_agent.errors import (
     NoStart,
     NotReady,
     ProtocolError,
+    SessionEnded,
     SessionTooLong,
     SlowClient,
     TooManyConnections,
@@ -71,6 +75,7 @@ from voice_agent.errors import (
 from voice_agent.serve.config import ServerConfig
 from voice_agent.serve.metrics import ConnectionMonitor
 from voice_agent.serve.outbox import Outbox
+from voice_agent.serve.pacing import PacedQueue
 from voice_agent.serve.peers import PeerGuard, bearer_key, key_matches
 from voice_agent.serve.protocols.adapter import WireAdapter
 from voice_agent.serve.protocols.events import (
@@ -82,6 +87,8 @@ from voice_agent.serve.protocols.events import (
     CreateItem,
     CreateResponse,
     DeleteItem,
+    Dtmf,
+    EndSession,
     ErrorEvent,
     FieldRejected,
     InterruptRequest,
@@ -114,6 +121,8 @@ class Connection:
         self.peers = peers if peers is not None else peer_guard(config)
         self.peer = ws.client.host if ws.client is not None else "unknown"
         self.outbox = Outbox(config.send_queue_messages)
+        lead = adapter.pace_lead_ms
+        self.paced = PacedQueue(self.outbox, lead) if lead is not None else None
         self.monitor = monitor if monitor is not None else ConnectionMonitor.of(ws)
         self.monitor.watch(self.outbox)
         self.session: Session | None = None
@@ -148,6 +157,8 @@ class Connection:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._send_loop)
+                if self.paced is not None:
+                    tg.start_soon(self.paced.run)
                 tg.start_soon(self._watch_client)
                 await self._receive_loop()
                 tg.cancel_scope.cancel()
@@ -269,6 +280,11 @@ class Connection:
             return session.on_create_response(event, now)
         if isinstance(event, CancelResponse):
             return session.on_cancel_response(event.response_id, now, event.event_id)
+        if isinstance(event, Dtmf):
+            log.info("dtmf session=%s digit=%s", session.id, event.digit)
+            return session.on_dtmf(event.digit)
+        if isinstance(event, EndSession):
+            raise SessionEnded(f"the client ended the session ({event.reason or 'no reason given'})")
         raise TypeError(f"expected a client event, got {type(event).__name__}")
 
     def _start(self, event: StartSession) -> list[Output]:
@@ -307,6 +323,8 @@ class Connection:
             elif isinstance(out, CancelTurn):
                 if out.generating:  # else its response.done is queued behind its audio and counts it
                     self.outbox.drop(out.response_id)
+                if self.paced is not None:  # the far end flushes what it queued (the adapter's clear)
+                    self.paced.drop(out.response_id)
                 if self.engine_session is not None:
                     # Also when generation had finished: the engine then cuts the last reply's history.
                     self.engine_session.cancel(out.played_ms)
@@ -382,7 +400,10 @@ class Connection:
         messages = self.adapter.encode(event)
         for i, message in enumerate(messages):
             mark = self._audio_mark if i == len(messages) - 1 else None
-            self.outbox.put(message, response_id, mark)
+            if self.paced is not None:
+                self.paced.put(message, response_id, mark, self.adapter.audio_ms(message))
+            else:
+                self.outbox.put(message, response_id, mark)
             if mark is not None:
                 self._audio_mark = None
 

@@ -60,6 +60,7 @@ from voice_agent.serve.protocols.events import (
     BAD_FIELD,
     CreateItem,
     CreateResponse,
+    DtmfReceived,
     ErrorEvent,
     InputCleared,
     InputCommitted,
@@ -351,6 +352,10 @@ class Session:
             if self._current is not None:
                 self._interrupt(now, out, "client_cancelled")
         return out
+
+    def on_dtmf(self, digit: str) -> list[Output]:
+        """The caller pressed a key: reported (logged and counted); it changes nothing in the conversation."""
+        return [DtmfReceived(digit, round(self._heard_ms, 2))]
 
     def on_transcript(self, event: TranscriptEvent) -> list[Output]:
         """The engine's transcript of a user audio item."""

@@ -20,6 +20,9 @@ Its parts:
   (`StartSession.key`);
 - the handshake's answer: `subprotocol`, chosen from what the client offered;
 - whether the session emits item events (`conversation_events`) for a format that exposes the conversation;
+- pacing: a format whose far end plays whatever it receives at once into an unbounded buffer (a phone
+  carrier) sets `pace_lead_ms`; the connection then sends reply audio in real time from a monotonic clock,
+  at most that far ahead of playback, counting each message's `audio_ms`;
 - the fatal error: before the close frame the connection sends `encode(ErrorEvent(..., fatal=True))`; a
   format without an error message returns [] there.
 """
@@ -38,6 +41,7 @@ class WireAdapter(Protocol):
     start_timeout_s: float  # the session must open (a StartSession) within this of the accept
     subprotocol: str | None  # the WebSocket subprotocol to answer the client with (None: none)
     conversation_events: bool  # the client manages the conversation's items (the session's item events)
+    pace_lead_ms: float | None  # reply audio is sent in real time, this far ahead (None: as fast as read)
 
     def handshake_key(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         """An API key the WebSocket handshake carries other than a Bearer header, or None."""
@@ -54,4 +58,9 @@ class WireAdapter(Protocol):
 
     def encode(self, event: ServerEvent) -> list[str | bytes]:
         """One server event -> the wire messages that carry it, in order (possibly none)."""
+        ...
+
+    def audio_ms(self, message: str | bytes) -> float:
+        """The reply audio one encoded message carries, in ms (0 for control messages): what a paced sender
+        (`pace_lead_ms`) counts."""
         ...

@@ -179,10 +179,27 @@ class CancelResponse:
     event_id: str | None = None
 
 
+# Telephony (a carrier's media stream).
+
+
+@dataclass(frozen=True)
+class Dtmf:
+    """The caller pressed a key (`digit`: 0-9, *, #, A-D)."""
+
+    digit: str
+
+
+@dataclass(frozen=True)
+class EndSession:
+    """The client ended the session (a carrier's `stop`: the call hung up); the connection closes normally."""
+
+    reason: str = ""
+
+
 ClientEvent = (
     StartSession | AudioFrame | PlaybackProgress | InterruptRequest | UpdateSettings | FieldRejected
     | CommitInput | ClearInput | CreateItem | DeleteItem | RetrieveItem | TruncateItem | CreateResponse
-    | CancelResponse
+    | CancelResponse | Dtmf | EndSession
 )
 
 
@@ -361,6 +378,14 @@ class UserTranscript:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class DtmfReceived:
+    """A key the caller pressed, as the session heard it (`at_ms`: input stream time)."""
+
+    digit: str
+    at_ms: float
+
+
 ServerEvent = (
     SessionStarted
     | SettingsUpdated
@@ -381,4 +406,5 @@ ServerEvent = (
     | ItemRetrieved
     | ItemTruncated
     | UserTranscript
+    | DtmfReceived
 )

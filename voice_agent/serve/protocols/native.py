@@ -60,6 +60,7 @@ from voice_agent.serve.protocols.events import (
     UNKNOWN_TYPE,
     AudioFrame,
     ClientEvent,
+    DtmfReceived,
     ErrorEvent,
     FieldRejected,
     InputCleared,
@@ -108,7 +109,7 @@ TURN_OPTIONS: dict[str, tuple[tuple[type, ...], str]] = {
 
 # Server events about the conversation's items: only an endpoint whose clients manage items sends them.
 CONVERSATION_EVENTS = (InputCommitted, InputCleared, InputTimeout, ItemAdded, ItemDone, ItemDeleted, ItemRetrieved,
-                       ItemTruncated)
+                       ItemTruncated, DtmfReceived)
 
 
 class WireState(Enum):
@@ -131,6 +132,7 @@ class NativeProtocol:
         self.start_timeout_s = START_TIMEOUT_S
         self.subprotocol: str | None = None
         self.conversation_events = False
+        self.pace_lead_ms: float | None = None
         self._in: Resampler | None = None
         self._out: Resampler | None = None
 
@@ -263,6 +265,9 @@ class NativeProtocol:
         return [AudioFrame(pcm)]
 
     # ---- server -> client ------------------------------------------------------------------------
+
+    def audio_ms(self, message: str | bytes) -> float:
+        return 0.0  # not paced
 
     def encode(self, event: ServerEvent) -> list[str | bytes]:
         """One server event -> the messages that carry it, in order."""

@@ -72,6 +72,7 @@ from voice_agent.serve.protocols.events import (
     CreateItem,
     CreateResponse,
     DeleteItem,
+    DtmfReceived,
     ErrorEvent,
     FieldRejected,
     InputCleared,
@@ -206,6 +207,7 @@ class OpenAIRealtimeProtocol:
         self.engine = engine
         self.start_timeout_s = START_TIMEOUT_S
         self.conversation_events = True
+        self.pace_lead_ms: float | None = None
         self._headers = {k.lower(): v for k, v in (headers or {}).items()}
         offered = _subprotocols(self._headers)
         self.subprotocol: str | None = SUBPROTOCOL if SUBPROTOCOL in offered else None
@@ -577,6 +579,9 @@ class OpenAIRealtimeProtocol:
 
     # ---- server -> client ------------------------------------------------------------------------------
 
+    def audio_ms(self, message: str | bytes) -> float:
+        return 0.0  # not paced
+
     def encode(self, event: ServerEvent) -> list[str | bytes]:
         """One server event -> the GA events that carry it, in order (canonical order: protocols.md §5.3)."""
         return [json.dumps(self._stamp(m), separators=(",", ":")) for m in self._messages(event)]
@@ -635,8 +640,8 @@ class OpenAIRealtimeProtocol:
             return self._response_audio(event)
         if isinstance(event, ResponseFinished):
             return self._response_finished(event)
-        if isinstance(event, Interrupted):
-            return []  # response.done (cancelled) carries it
+        if isinstance(event, (Interrupted, DtmfReceived)):
+            return []  # response.done (cancelled) carries an interruption; a Realtime client sends no DTMF
         if isinstance(event, ErrorEvent):
             kind = "server_error" if event.code in SERVER_FAULT_CODES else "invalid_request_error"
             return [{"type": "error", "error": {"type": kind, "code": event.code, "message": event.message,
