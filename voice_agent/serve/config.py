@@ -25,6 +25,7 @@ from voice_agent.serve.settings import SessionSettings
 from voice_agent.serve.vad import VadSettings
 
 ENV_PREFIX = "VOICE_AGENT_"
+SECRETS = ("api_key", "twilio_auth_token")  # options whose values no message repeats
 DTYPES = ("float32", "bfloat16", "float16")
 VAD_KINDS = ("webrtc", "silero")
 MAX_REPLY_TOKENS = 4096  # text tokens; the TTS cache grows with it
@@ -107,12 +108,22 @@ class ServerConfig:
                            choices=("text", "json"))
     metrics_port: int = _opt(0, "serve Prometheus /metrics on this port, without the API key, and not on the "
                                 "main port (0: on the main port, behind --api-key when one is set)", int)
+    public_url: str | None = _opt(None, "the server's public base URL as callers' carriers reach it, e.g. "
+                                        "https://voice.example.com (default: from X-Forwarded-Proto/Host, else Host); "
+                                        "TwiML's stream URL and Twilio signature checks use it")
+    twilio_auth_token: str | None = _opt(None, "the Twilio account's auth token: /twilio/voice and /twilio then "
+                                               "need a valid X-Twilio-Signature (unsigned calls are refused)")
+    telephony_lead_ms: int = _opt(160, "phone calls: reply audio is sent in real time, in 20 ms frames, this far "
+                                       "ahead of playback (ms)", int)
+    call_silence_s: int = _opt(10, "phone calls: after a reply has played, this long without the caller speaking "
+                                   "makes the agent speak up (s; 0: never; the call still ends after idle-timeout-s "
+                                   "without audio)", int)
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str) -> None:
             if not ok:
                 value = getattr(self, name)
-                got = f"{len(value)} characters" if name == "api_key" else repr(value)  # never echo a key
+                got = f"{len(value)} characters" if name in SECRETS else repr(value)  # never echo a secret
                 raise ConfigError(f"{_where(name)}: expected {expected}, got {got}")
 
         for f in fields(self):
@@ -138,6 +149,12 @@ class ServerConfig:
         need(1 <= self.auth_cooldown_s <= 86_400, "auth_cooldown_s", "an integer 1..86400")
         need(1 <= self.max_connections_per_peer <= 100_000, "max_connections_per_peer", "an integer 1..100000")
         need(0 <= self.idle_timeout_s <= 86_400, "idle_timeout_s", "an integer 0..86400")
+        need(20 <= self.telephony_lead_ms <= 2000, "telephony_lead_ms", "an integer 20..2000")
+        need(0 <= self.call_silence_s <= 3600, "call_silence_s", "an integer 0..3600")
+        need(self.public_url is None or self.public_url.startswith(("http://", "https://", "ws://", "wss://")),
+             "public_url", "a URL starting with https://, http://, wss:// or ws://")
+        need(self.twilio_auth_token is None or len(self.twilio_auth_token) >= 8, "twilio_auth_token",
+             "at least 8 characters")
         need(0 <= self.max_session_s <= 7 * 86_400, "max_session_s", "an integer 0..604800")
         for f in fields(self):
             choices = f.metadata["choices"]

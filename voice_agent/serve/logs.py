@@ -105,7 +105,8 @@ def logging_config(config: ServerConfig) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"server": {"()": formatter, "secrets": [config.api_key] if config.api_key else []}},
+        "formatters": {"server": {"()": formatter,
+                                  "secrets": [s for s in (config.api_key, config.twilio_auth_token) if s]}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
                                 "formatter": "server"}},
         "loggers": {
