@@ -8,6 +8,7 @@ Contract:
 - `Resampler` is a streaming band-limited resampler (windowed-sinc, Kaiser window, polyphase); feeding it
   chunk by chunk gives the same samples as `resample` on the whole signal. `resample` is the one-shot form.
 - `pcm16_to_float` / `float_to_pcm16` convert little-endian int16 PCM to float32 in [-1, 1) and back.
+- `pcm16be_to_float` / `float_to_pcm16be`: the same in network byte order (RTP's L16, RFC 3551).
 - `ulaw_to_float` / `float_to_ulaw` and `alaw_to_float` / `float_to_alaw`: ITU-T G.711 mu-law and A-law (one
   byte per sample, the 8 kHz telephony codecs), vectorized in numpy with the segment rules of the ITU /
   Sun reference coder (the same code points as Python's retired `audioop`).
@@ -299,3 +300,17 @@ def float_to_ulaw(x: np.ndarray) -> bytes:
 def float_to_alaw(x: np.ndarray) -> bytes:
     """Float samples (nominally [-1, 1]) -> G.711 A-law bytes, one per sample (rounded and clipped as PCM16)."""
     return _linear_to_alaw(_pcm16_ints(x)).tobytes()
+
+
+# ---- L16 (RFC 3551: 16-bit linear PCM in network byte order, as some carriers send it) ----------------------
+def pcm16be_to_float(pcm: bytes | bytearray | memoryview) -> np.ndarray:
+    """Big-endian int16 PCM bytes (RTP's L16) -> float32 samples in [-1, 1)."""
+    raw = bytes(pcm)
+    if len(raw) % PCM16_BYTES:
+        raise ValueError(f"expected an even number of PCM16 bytes, got {len(raw)}")
+    return np.frombuffer(raw, dtype=">i2").astype(np.float32) / np.float32(PCM16_SCALE)
+
+
+def float_to_pcm16be(x: np.ndarray) -> bytes:
+    """Float samples (nominally [-1, 1]) -> big-endian int16 PCM bytes (RTP's L16), rounded and clipped."""
+    return _pcm16_ints(x).astype(">i2").tobytes()
