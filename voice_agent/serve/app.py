@@ -5,7 +5,10 @@ connecting (model, demo flag, voices, the longest reply a client may ask for, de
 native wire form, whether a key is required), `/healthz` (the process is up), `/readyz` (200 once the
 engine has loaded and warmed its model, else 503), `/ws` the native protocol (docs/protocol.md): a `Connection`
 (`voice_agent.serve.connection`) with a `NativeProtocol` adapter, `/v1/realtime` the OpenAI Realtime API
-(docs/openai-realtime.md): the same connection with an `OpenAIRealtimeProtocol` adapter. `/metrics`
+(docs/openai-realtime.md): the same connection with an `OpenAIRealtimeProtocol` adapter, `/twilio` a Twilio
+media stream (a phone call; also SignalWire and Pivot) with `TwilioProtocol`, checked against the account's
+X-Twilio-Signature when `--twilio-auth-token` is set, `/twilio/voice` the TwiML that connects a call to it,
+and `/telephony/<carrier>` the other carriers' media streams (docs/telephony.md). `/metrics`
 (voice_agent.serve.metrics): Prometheus metrics, behind the API key
 when one is set, or on `metrics_port` instead.
 
@@ -26,7 +29,7 @@ import dataclasses
 import logging
 import logging.config
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -64,7 +67,14 @@ from voice_agent.serve.protocols.adapter import WireAdapter
 from voice_agent.serve.protocols.events import ErrorEvent
 from voice_agent.serve.protocols.native import NativeProtocol, settings_json
 from voice_agent.serve.protocols.openai import BetaInterfaceRefused, OpenAIRealtimeProtocol
+from voice_agent.serve.protocols.plivo import PlivoProtocol
+from voice_agent.serve.protocols.telnyx import TelnyxProtocol
+from voice_agent.serve.protocols.twilio import ExotelProtocol, TwilioProtocol
+from voice_agent.serve.protocols.vonage import VonageProtocol
+from voice_agent.serve.twiml import SIGNATURE_HEADER, connect_stream_twiml, public_stream_url, valid_twilio_signature
 from voice_agent.serve.vad import make_classifier
+
+log = logging.getLogger("voice_agent.serve.app")
 
 DOWNLOAD_COMMAND = download_command()  # pasteable in the server's working directory (engine/files.py)
 DEFAULT_STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
@@ -184,6 +194,48 @@ def build_app(config: ServerConfig, engine: Engine) -> Starlette:
     async def websocket(ws: WebSocket) -> None:
         await serve(ws, NativeProtocol(defaults, engine.info))
 
+    phone_defaults = dataclasses.replace(defaults, idle_timeout_ms=config.call_silence_s * 1000 or None)
+    lead_ms = float(config.telephony_lead_ms)
+
+    async def twilio_stream(ws: WebSocket) -> None:
+        token = config.twilio_auth_token
+        if token is not None:
+            url = public_stream_url(config.public_url, ws.headers, ws.url.path)
+            if not valid_twilio_signature(url, {}, ws.headers.get(SIGNATURE_HEADER), token):
+                await refuse_unsigned(ws, url)
+                return
+        await serve(ws, TwilioProtocol(phone_defaults, engine.info, lead_ms=lead_ms))
+
+    async def carrier_stream(ws: WebSocket) -> None:
+        name = ws.path_params["carrier"]
+        carrier = CARRIERS.get(name)
+        if carrier is None:
+            shown = name if len(name) <= 40 else name[:40] + "..."
+            await ws.send_denial_response(PlainTextResponse(
+                f"not_found: expected a carrier among {sorted(CARRIERS)} (Twilio: /twilio), got {shown!r}\n",
+                status_code=404))
+            return
+        await serve(ws, carrier(phone_defaults, engine.info, lead_ms=lead_ms))
+
+    async def twilio_voice(request: Request) -> Response:
+        """Twilio's voice webhook: TwiML connecting the call to the media stream at /twilio, with this
+        request's `voice`, `instructions` and `silence_ms` (query or form) passed on as stream parameters."""
+        form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        token = config.twilio_auth_token
+        signed = False
+        if token is not None:
+            url = public_http_url(config.public_url, request.headers, request.url.path, request.url.query)
+            if not valid_twilio_signature(url, form, request.headers.get(SIGNATURE_HEADER), token):
+                log.warning("twilio: refused an unsigned or wrongly signed voice webhook for %s", url)
+                return PlainTextResponse("unauthorized: expected a valid X-Twilio-Signature\n", status_code=403)
+            signed = True
+        wanted = {**form, **request.query_params}
+        parameters = {name: wanted[name] for name in STREAM_PARAMETERS if wanted.get(name)}
+        if config.api_key is not None and signed:  # only Twilio, proven by its signature, learns the key
+            parameters["key"] = config.api_key
+        stream_url = public_stream_url(config.public_url, request.headers, "/twilio")
+        return Response(connect_stream_twiml(stream_url, parameters), media_type="application/xml")
+
     async def realtime(ws: WebSocket) -> None:
         # OpenAI's default: no input transcription until the client asks for it.
         openai_defaults = dataclasses.replace(defaults, transcribe=False)
@@ -214,12 +266,36 @@ def build_app(config: ServerConfig, engine: Engine) -> Starlette:
             Route("/readyz", readyz),
             WebSocketRoute("/ws", websocket),
             WebSocketRoute("/v1/realtime", realtime),
+            WebSocketRoute("/twilio", twilio_stream),
+            Route("/twilio/voice", twilio_voice, methods=["GET", "POST"]),
+            WebSocketRoute("/telephony/{carrier:str}", carrier_stream),
             Mount("/static", StaticFiles(directory=static_dir), name="static"),
         ] + ([] if config.metrics_port else [Route("/metrics", metrics_endpoint(metrics, config.api_key))]),
         lifespan=lifespan,
     )
     app.state.metrics = metrics
     return app
+
+
+STREAM_PARAMETERS = ("voice", "instructions", "silence_ms")  # what /twilio/voice passes on to the stream
+# The carriers at /telephony/<name>. Twilio (and SignalWire, Pivot: the same wire) is at /twilio.
+CARRIERS: dict[str, Callable[..., WireAdapter]] = {
+    "exotel": ExotelProtocol, "telnyx": TelnyxProtocol, "plivo": PlivoProtocol, "vonage": VonageProtocol,
+}
+
+
+async def refuse_unsigned(ws: WebSocket, url: str) -> None:
+    """Refuse a media stream without a valid Twilio signature before the upgrade (HTTP 403)."""
+    log.warning("twilio: refused an unsigned or wrongly signed media stream for %s", url)
+    await ws.send_denial_response(PlainTextResponse("unauthorized: expected a valid X-Twilio-Signature\n",
+                                                    status_code=403))
+
+
+def public_http_url(base_url: str | None, headers: Mapping[str, str], path: str, query: str) -> str:
+    """The https:// URL a carrier requested (what Twilio signs): the public URL's form of `path?query`."""
+    url = public_stream_url(base_url, headers, path)
+    url = "https://" + url.removeprefix("wss://") if url.startswith("wss://") else "http://" + url.removeprefix("ws://")
+    return f"{url}?{query}" if query else url
 
 
 def demo_banner(engine: Engine) -> str | None:
