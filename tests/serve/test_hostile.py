@@ -5,8 +5,9 @@ is FakeEngine (named a fake: nothing here is about model output). It runs in a t
 the attackers and the healthy caller are ordinary blocking WebSocket clients in this thread and another.
 
 Each endpoint registers an `Endpoint`: its path, the messages that open a session on it, and hypothesis
-strategies for what a hostile client sends before and after opening. A later endpoint (OpenAI Realtime,
-telephony) adds one entry to ENDPOINTS and every check below applies to it.
+strategies for what a hostile client sends before and after opening (an endpoint whose session opens on
+connect, as OpenAI Realtime's, is attacked once), how it carries microphone audio and reply audio. A later
+endpoint (telephony) adds one entry to ENDPOINTS and every check below applies to it.
 
 Known bad inputs (each endpoint's list) must get their typed error while the session goes on. Checks,
 for every case: the server closes (if it does) only with a documented close code, writes no
@@ -17,6 +18,7 @@ healthy caller's has been given back. Figures (cases per endpoint, RSS before an
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -40,7 +42,7 @@ from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 from websockets.uri import parse_uri
 
-from voice_agent.audio import float_to_pcm16
+from voice_agent.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, float_to_pcm16, resample
 from voice_agent.serve.app import build_app, uvicorn_options
 from voice_agent.serve.config import ServerConfig
 
@@ -102,16 +104,32 @@ NATIVE_KNOWN_BAD: list[tuple[dict[str, object], str]] = [
 ]
 
 
+FRAME_MS = 20  # microphone audio is sent in frames this long
+
+
+def native_audio(audio: np.ndarray) -> list[str | bytes]:
+    """16 kHz audio as the native protocol's binary PCM16 frames."""
+    data = float_to_pcm16(audio)
+    n = 2 * INPUT_SAMPLE_RATE * FRAME_MS // 1000
+    return [data[i : i + n] for i in range(0, len(data), n)]
+
+
+def native_reply_audio(message: str | bytes) -> bool:
+    return isinstance(message, bytes)
+
+
 @dataclass(frozen=True)
 class Endpoint:
     name: str
     path: str
-    opening: Callable[[], list[str | bytes]]  # messages that open a session validly
+    opening: Callable[[], list[str | bytes]]  # messages that open a session validly ([]: it opens on connect)
     messages: Callable[[], st.SearchStrategy[str | bytes]]
     known_bad: list[tuple[str | bytes, str]]  # (message, the error code it must get) after opening
     error_code: Callable[[str | bytes], str | None]  # the error code a server message carries, if any
     still_open: str | bytes  # a message that proves the session still works after the bad ones
     still_open_reply: Callable[[str | bytes], bool]
+    audio: Callable[[np.ndarray], list[str | bytes]] = native_audio  # 16 kHz microphone audio -> messages
+    is_reply_audio: Callable[[str | bytes], bool] = native_reply_audio  # a message carrying reply audio
 
 
 def native_error_code(message: str | bytes) -> str | None:
@@ -121,11 +139,166 @@ def native_error_code(message: str | bytes) -> str | None:
     return event["code"] if event["type"] == "error" else None
 
 
+# ---- OpenAI Realtime (GA) at /v1/realtime: the session opens on connect with session.created ----------------
+
+REALTIME_TYPES = ("session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
+                  "input_audio_buffer.clear", "conversation.item.create", "conversation.item.delete",
+                  "conversation.item.retrieve", "conversation.item.truncate", "response.create", "response.cancel",
+                  "output_audio_buffer.clear", "response.audio.delta", "session.created")
+HUGE = st.sampled_from((10_000, 100_000, 1_000_000)).map(lambda n: "x" * n)
+BASE64 = (st.binary(max_size=2000).map(lambda b: base64.b64encode(b).decode()) | st.text(max_size=80) | HUGE
+          | st.sampled_from(("", "=", "AA==", "!!!!", "AAE", "AAAA====", "\u0000")))
+ITEM_IDS = st.text(max_size=70) | st.sampled_from(("root", "", "item_1", "resp_1")) | HUGE | JSON_VALUES
+
+
+def realtime_messages() -> st.SearchStrategy[str | bytes]:
+    """GA client events with fields drawn from the real names (nested session / item / response objects) and
+    random values: wrong types, huge strings, bad base64, unknown event types and ids that name no item;
+    raw text, JSON that is not an object, invalid UTF-8 and binary frames (audio belongs in base64)."""
+    td = st.fixed_dictionaries({}, optional={
+        "type": st.sampled_from(("server_vad", "semantic_vad", "bogus")) | JSON_VALUES,
+        "threshold": JSON_VALUES, "prefix_padding_ms": JSON_VALUES, "silence_duration_ms": JSON_VALUES,
+        "idle_timeout_ms": JSON_VALUES, "create_response": JSON_VALUES, "interrupt_response": JSON_VALUES,
+        "eagerness": JSON_VALUES}) | JSON_VALUES
+    fmt = st.fixed_dictionaries({"type": st.sampled_from(("audio/pcm", "audio/pcmu", "audio/pcma")) | JSON_VALUES},
+                                optional={"rate": JSON_VALUES}) | JSON_VALUES
+    audio_cfg = st.fixed_dictionaries({}, optional={
+        "input": st.fixed_dictionaries({}, optional={"format": fmt, "turn_detection": td, "transcription": JSON_VALUES,
+                                                     "noise_reduction": JSON_VALUES}) | JSON_VALUES,
+        "output": st.fixed_dictionaries({}, optional={"format": fmt, "voice": JSON_VALUES | HUGE,
+                                                      "speed": JSON_VALUES}) | JSON_VALUES})
+    session = st.fixed_dictionaries({"type": st.just("realtime") | JSON_VALUES}, optional={
+        "instructions": JSON_VALUES | HUGE, "output_modalities": JSON_VALUES, "audio": audio_cfg | JSON_VALUES,
+        "max_output_tokens": JSON_VALUES, "tools": JSON_VALUES, "tool_choice": JSON_VALUES, "model": JSON_VALUES,
+        "voice": JSON_VALUES, "bogus": JSON_VALUES}) | JSON_VALUES
+    part = st.fixed_dictionaries({"type": st.sampled_from(("input_text", "input_audio", "output_text", "output_audio",
+                                                           "text", "audio", "input_image")) | JSON_VALUES},
+                                 optional={"text": JSON_VALUES | HUGE, "audio": BASE64 | JSON_VALUES,
+                                           "transcript": JSON_VALUES})
+    item = st.fixed_dictionaries({}, optional={
+        "id": ITEM_IDS, "type": st.sampled_from(("message", "function_call")) | JSON_VALUES,
+        "role": st.sampled_from(("user", "assistant", "system", "tool")) | JSON_VALUES,
+        "content": st.lists(part, max_size=3) | JSON_VALUES, "status": JSON_VALUES}) | JSON_VALUES
+    response = st.fixed_dictionaries({}, optional={
+        "instructions": JSON_VALUES, "conversation": st.sampled_from(("auto", "none")) | JSON_VALUES,
+        "metadata": st.dictionaries(st.text(max_size=70), st.text(max_size=20) | JSON_VALUES, max_size=20)
+        | JSON_VALUES, "output_modalities": JSON_VALUES, "max_output_tokens": JSON_VALUES,
+        "audio": JSON_VALUES, "input": JSON_VALUES, "tools": JSON_VALUES}) | JSON_VALUES
+    fields = {"event_id": st.text(max_size=20) | JSON_VALUES, "session": session, "audio": BASE64 | JSON_VALUES,
+              "item_id": ITEM_IDS, "previous_item_id": ITEM_IDS, "item": item, "content_index": JSON_VALUES,
+              "audio_end_ms": JSON_VALUES, "response": response, "response_id": ITEM_IDS}
+    typed = st.fixed_dictionaries({"type": st.sampled_from(REALTIME_TYPES) | st.text(max_size=30)},
+                                  optional=fields).map(lambda obj: json.dumps(obj, allow_nan=True))
+    return (typed | st.text(max_size=200) | JSON_VALUES.map(lambda v: json.dumps(v, allow_nan=True))
+            | st.binary(max_size=4000) | st.binary(min_size=1, max_size=64).map(InvalidText))
+
+
+def _text(role: str, text: str = "hi", **item: object) -> dict[str, object]:
+    kind = "output_text" if role == "assistant" else "input_text"
+    return {"type": "message", "role": role, "content": [{"type": kind, "text": text}], **item}
+
+
+def _update(**session: object) -> dict[str, object]:
+    return {"type": "session.update", "session": {"type": "realtime", **session}}
+
+
+# Known bad inputs of /v1/realtime: each must get an `error` event with this code while the session stays open.
+REALTIME_KNOWN_BAD: list[tuple[dict[str, object] | str | bytes, str]] = [
+    (b"\x00\x01\x02\x03", "bad_message"),  # audio goes base64 in input_audio_buffer.append, never binary
+    ("{not json", "bad_json"),
+    ("[1, 2, 3]", "bad_message"),
+    ({"type": 7}, "bad_message"),
+    ({"type": "bogus"}, "unknown_type"),
+    ({"type": "response.audio.delta", "delta": ""}, "unknown_type"),  # a server event, and beta at that
+    ({"type": "x" * 100_000}, "unknown_type"),
+    ({"type": "session.update", "event_id": 5, "session": {"type": "realtime"}}, "bad_field"),
+    ({"type": "session.update"}, "bad_field"),
+    ({"type": "session.update", "session": "realtime"}, "bad_field"),
+    (_update(type="transcription"), "bad_field"),
+    (_update(instructions=["a"]), "bad_field"),
+    (_update(output_modalities=["video"]), "bad_field"),
+    (_update(max_output_tokens=0), "bad_field"),
+    (_update(audio={"input": {"format": {"type": "audio/pcm", "rate": 16000}}}), "bad_field"),
+    (_update(audio={"input": {"format": {"type": "audio/opus"}}}), "bad_field"),
+    (_update(audio={"input": {"turn_detection": {"type": "bogus_vad"}}}), "bad_field"),
+    (_update(audio={"input": {"turn_detection": {"type": "server_vad", "threshold": 2}}}), "bad_field"),
+    (_update(audio={"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 5}}}), "bad_field"),
+    (_update(audio={"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 10**9}}}),
+     "bad_field"),
+    (_update(audio={"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "eager"}}}), "bad_field"),
+    (_update(audio={"output": {"speed": 9}}), "bad_field"),
+    (_update(audio={"output": {"voice": "x" * 100_000}}), "unsupported_parameter"),
+    (_update(tools=[{"type": "function", "name": "f"}]), "unsupported_parameter"),
+    ({"type": "input_audio_buffer.append"}, "bad_field"),
+    ({"type": "input_audio_buffer.append", "audio": 5}, "bad_field"),
+    ({"type": "input_audio_buffer.append", "audio": "!!!not base64"}, "bad_audio"),
+    ({"type": "input_audio_buffer.append", "audio": "AA=="}, "bad_audio"),  # one byte: not PCM16
+    ({"type": "input_audio_buffer.commit", "event_id": "c1"}, "input_audio_buffer_commit_empty"),
+    ({"type": "conversation.item.retrieve", "item_id": "nope"}, "item_not_found"),
+    ({"type": "conversation.item.retrieve", "item_id": "x" * 100_000}, "item_not_found"),
+    ({"type": "conversation.item.retrieve", "item_id": ""}, "bad_field"),
+    ({"type": "conversation.item.delete", "item_id": 3}, "bad_field"),
+    ({"type": "conversation.item.delete", "item_id": "root"}, "item_not_found"),
+    ({"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": 10}, "item_not_found"),
+    ({"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": -1}, "bad_field"),
+    ({"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": float("nan")}, "bad_field"),
+    ({"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": 1, "content_index": "0"},
+     "bad_field"),
+    ({"type": "conversation.item.create"}, "bad_field"),
+    ({"type": "conversation.item.create", "item": {"type": "function_call", "name": "f"}}, "bad_field"),
+    ({"type": "conversation.item.create", "item": _text("tool")}, "bad_field"),
+    ({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": []}}, "bad_field"),
+    ({"type": "conversation.item.create", "item": _text("user", id="x" * 65)}, "bad_field"),
+    ({"type": "conversation.item.create", "item": _text("system", text=5)}, "bad_field"),
+    ({"type": "conversation.item.create", "item": {"type": "message", "role": "assistant",
+                                                   "content": [{"type": "input_audio", "audio": ""}]}}, "bad_field"),
+    ({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                   "content": [{"type": "input_audio", "audio": "!!"}]}}, "bad_audio"),
+    ({"type": "conversation.item.create", "previous_item_id": "nope", "item": _text("user")}, "item_not_found"),
+    ({"type": "conversation.item.create", "previous_item_id": 5, "item": _text("user")}, "bad_field"),
+    ({"type": "response.create", "response": "now"}, "bad_field"),
+    ({"type": "response.create", "response": {"conversation": "bogus"}}, "bad_field"),
+    ({"type": "response.create", "response": {"metadata": {"k": 1}}}, "bad_field"),
+    ({"type": "response.create", "response": {"max_output_tokens": -3}}, "bad_field"),
+    ({"type": "response.create", "response": {"output_modalities": "audio"}}, "bad_field"),
+    ({"type": "response.cancel", "response_id": 5}, "bad_field"),
+]
+
+
+def realtime_error_code(message: str | bytes) -> str | None:
+    if isinstance(message, bytes):
+        return None
+    event = json.loads(message)
+    return event["error"]["code"] if event["type"] == "error" else None
+
+
+def realtime_audio(audio: np.ndarray) -> list[str | bytes]:
+    """16 kHz audio as input_audio_buffer.append events of 24 kHz PCM16 (the GA default format)."""
+    data = float_to_pcm16(resample(audio, INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE))
+    n = 2 * OUTPUT_SAMPLE_RATE * FRAME_MS // 1000
+    return [json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(data[i : i + n]).decode()})
+            for i in range(0, len(data), n)]
+
+
+def realtime_reply_audio(message: str | bytes) -> bool:
+    return isinstance(message, str) and json.loads(message)["type"] == "response.output_audio.delta"
+
+
+def _wire(m: dict[str, object] | str | bytes) -> str | bytes:
+    return json.dumps(m, allow_nan=True) if isinstance(m, dict) else m
+
+
 ENDPOINTS = [
     Endpoint("native", "/ws", lambda: [json.dumps({"type": "start"})], native_messages,
              [(json.dumps(m, allow_nan=True), code) for m, code in NATIVE_KNOWN_BAD], native_error_code,
              json.dumps({"type": "update", "temperature": 0.5}),
              lambda m: isinstance(m, str) and json.loads(m)["type"] == "session.updated"),
+    Endpoint("openai", "/v1/realtime?model=gpt-realtime", lambda: [], realtime_messages,
+             [(_wire(m), code) for m, code in REALTIME_KNOWN_BAD], realtime_error_code,
+             json.dumps(_update(instructions="Still here?")),
+             lambda m: isinstance(m, str) and json.loads(m)["type"] == "session.updated"
+             and json.loads(m)["session"]["instructions"] == "Still here?",
+             realtime_audio, realtime_reply_audio),
 ]
 
 
@@ -218,14 +391,10 @@ def drain(ws: ClientConnection, quiet_s: float = QUIET_S) -> int | None:
         return closed.rcvd.code if closed.rcvd is not None else None
 
 
-FRAME_BYTES = 2 * 320  # 20 ms of PCM16 at 16 kHz, the native protocol's default frame
-
-
-def speak(ws: ClientConnection, audio: np.ndarray) -> None:
-    """Send `audio` in 20-ms frames, as fast as the socket takes them."""
-    data = float_to_pcm16(audio)
-    for i in range(0, len(data), FRAME_BYTES):
-        ws.send(data[i : i + FRAME_BYTES])
+def speak(ws: ClientConnection, audio: np.ndarray, endpoint: Endpoint = ENDPOINTS[0]) -> None:
+    """Send `audio` in 20-ms frames as `endpoint` carries it, as fast as the socket takes them."""
+    for message in endpoint.audio(audio):
+        ws.send(message)
 
 
 class HealthyCaller(threading.Thread):
@@ -296,6 +465,9 @@ CORPUS_SETTINGS = settings(max_examples=CASES, deadline=None, derandomize=True,
 @pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.name)
 @pytest.mark.parametrize("opened", [False, True], ids=["before-open", "after-open"])
 def test_fuzzed_messages(server: Server, healthy: HealthyCaller, endpoint: Endpoint, opened: bool) -> None:
+    if not opened and not endpoint.opening():
+        pytest.skip("the session opens on connect: before-open and after-open are the same")
+
     @CORPUS_SETTINGS
     @given(st.lists(endpoint.messages(), min_size=1, max_size=6))
     def case(messages: list[str | bytes]) -> None:
@@ -331,6 +503,7 @@ def test_floods(server: Server, healthy: HealthyCaller, endpoint: Endpoint) -> N
     floods: list[list[str | bytes]] = [
         ["{not json"] * 500,
         [json.dumps({"type": "bogus", "n": i}) for i in range(500)],
+        endpoint.audio(tone(20)) * 3000,
         [float_to_pcm16(tone(20))] * 3000,
         [InvalidText(b"\xff\xfe")] * 200,
     ]
@@ -343,14 +516,15 @@ def test_floods(server: Server, healthy: HealthyCaller, endpoint: Endpoint) -> N
 def test_abrupt_disconnects_mid_reply_give_every_session_back(
     server: Server, healthy: HealthyCaller, endpoint: Endpoint
 ) -> None:
+    server.findings.records.clear()
     before = rss_mb()
     for i in range(30):
         TRIED[endpoint.name] = TRIED.get(endpoint.name, 0) + 1
         ws = connect(f"ws://{server.addr}{endpoint.path}")
         for m in endpoint.opening():
             send(ws, m)
-        speak(ws, np.concatenate([tone(400), silence(700)]))
-        while not isinstance(ws.recv(timeout=10), bytes):  # wait for the reply's first audio
+        speak(ws, np.concatenate([tone(400), silence(700)]), endpoint)
+        while not endpoint.is_reply_audio(ws.recv(timeout=10)):  # wait for the reply's first audio
             pass
         if i % 2:
             ws.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # TCP reset
@@ -392,15 +566,24 @@ class DeafClient:
             self.sock.sendall(chunk)
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.name)
+# A native session transcribes its turns, and a transcript that arrives while a deaf reader's outbox is full raises
+# SlowClient in a bare event-loop callback (asyncio logs a traceback at ERROR): whether it does in this test is a
+# matter of timing. Reproduced deterministically, strict, by test_openai_server.py's
+# test_a_transcript_that_overflows_a_slow_clients_outbox_closes_it_cleanly.
+TRANSCRIPT_OVERFLOW = pytest.mark.xfail(strict=False, reason="connection.py _on_transcript: SlowClient raised in a "
+                                        "loop callback when a transcript overflows the outbox (timing-dependent)")
+
+
+@pytest.mark.parametrize("endpoint", [pytest.param(e, marks=TRANSCRIPT_OVERFLOW) if e.name == "native" else e
+                                      for e in ENDPOINTS], ids=lambda e: e.name)
 def test_a_reader_that_never_reads_is_closed_and_forgotten(
     server: Server, healthy: HealthyCaller, endpoint: Endpoint
 ) -> None:
+    server.findings.records.clear()
     deaf = DeafClient(server.addr, endpoint.path)
     for m in endpoint.opening():
         deaf.send(m)
-    data = float_to_pcm16(np.concatenate([tone(400), silence(700)]))
-    frames = [data[i : i + FRAME_BYTES] for i in range(0, len(data), FRAME_BYTES)]
+    frames = endpoint.audio(np.concatenate([tone(400), silence(700)]))
     started = time.monotonic()
     closed_after: float | None = None
     try:
