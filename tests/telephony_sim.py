@@ -137,8 +137,9 @@ class Speaker:
     """The caller's earpiece: plays received audio in order at real-time speed behind a jitter buffer.
 
     Times are monotonic seconds. `push_audio` / `push_mark` queue; `advance(now)` moves the play head and
-    returns the marks whose preceding audio has played; `clear(now)` drops everything queued and returns
-    the marks dropped. `played_ms` is the playback position (audio played since the call began); `dry`
+    returns the marks whose preceding audio has played since the last call (a mark pushed with nothing
+    queued comes back from the next `advance`); `clear(now)` drops everything queued and returns the marks
+    dropped. `played_ms` is the playback position (audio played since the call began); `dry`
     lists (when the speaker ran dry, when audio came again) for every pause in playback.
     """
 
@@ -151,10 +152,11 @@ class Speaker:
         self._clock = 0.0  # while playing: the time up to which playback is accounted
         self._waiting_since: float | None = None  # audio arrived at an idle speaker at this time
         self._dry_since: float | None = None
+        self._reached: list[Any] = []  # marks played, not yet returned by `advance`
         self.dry: list[tuple[float, float]] = []
 
     def push_audio(self, now: float, audio_ms: float) -> None:
-        self.advance(now)
+        self._advance(now)
         if self._dry_since is not None:
             self.dry.append((self._dry_since, now))
             self._dry_since = None
@@ -163,21 +165,27 @@ class Speaker:
         self.queue.append(_Queued(audio_ms=audio_ms))
         self.buffered_ms += audio_ms
 
-    def push_mark(self, now: float, mark: Any) -> list[Any]:
-        """Queue a marker; returns it at once (as reached) when no audio is playing or queued."""
-        reached = self.advance(now)
+    def push_mark(self, now: float, mark: Any) -> None:
+        """Queue a marker: reached at once when no audio is playing or queued."""
+        self._advance(now)
         if self.buffered_ms <= 0:
-            return [*reached, mark]
-        self.queue.append(_Queued(mark=mark, is_mark=True))
-        return reached
+            self._reached.append(mark)
+        else:
+            self.queue.append(_Queued(mark=mark, is_mark=True))
 
     def advance(self, now: float) -> list[Any]:
-        reached: list[Any] = []
+        """Move the play head to `now`: the marks reached since the last call."""
+        self._advance(now)
+        reached, self._reached = self._reached, []
+        return reached
+
+    def _advance(self, now: float) -> None:
+        reached = self._reached
         if not self.playing and self.buffered_ms > 0 and self._waiting_since is not None and (
                 self.buffered_ms >= self.jitter_s * 1000 or now - self._waiting_since >= self.jitter_s):
             self.playing, self._clock, self._waiting_since = True, now, None
         if not self.playing:
-            return reached
+            return
         elapsed_ms = (now - self._clock) * 1000.0
         while self.queue:
             head = self.queue[0]
@@ -189,7 +197,7 @@ class Speaker:
                 self.buffered_ms -= elapsed_ms
                 self.played_ms += elapsed_ms
                 self._clock = now
-                return reached
+                return
             elapsed_ms -= head.audio_ms
             self.buffered_ms -= head.audio_ms
             self.played_ms += head.audio_ms
@@ -198,11 +206,10 @@ class Speaker:
         self.playing = False
         self.buffered_ms = 0.0
         self._dry_since = now - elapsed_ms / 1000.0
-        return reached
 
     def clear(self, now: float) -> tuple[list[Any], float]:
-        """Flush: (the markers dropped, the ms of audio dropped)."""
-        self.advance(now)
+        """Flush: (the markers dropped, the ms of audio dropped). Markers already played stay reached."""
+        self._advance(now)
         dropped = [q.mark for q in self.queue if q.is_mark]
         dropped_ms = self.buffered_ms
         self.queue.clear()
@@ -453,8 +460,7 @@ class Call:
     def _mark(self, now: float, message: Any, mark: Any) -> None:
         self._record(now, "mark", message)
         self.server_marks.append((now, mark))
-        for reached in self.speaker.push_mark(now, mark):
-            self._spawn_answer(reached, cleared=False)
+        self.speaker.push_mark(now, mark)  # answered by the speaker loop once reached
 
     def _flush(self, now: float, message: Any) -> list[Any]:
         self._record(now, "clear", message)

@@ -246,6 +246,7 @@ def report(n: int, results: list[CallResult], lead_ms: float) -> list[str]:
     bursts = [ahead_ms(r.frames) for r in answered]
     stalls = [underrun_ms(r.frames) for r in answered]
     sizes = [ms for r in answered for _, ms in r.frames]
+    lengths = [sum(ms for _, ms in r.frames) / 1000.0 for r in answered]
     lines = [f"[{n} call{'s' if n != 1 else ''}] {len(answered)} replies, {len(results) - len(answered)} "
              f"without audio, {len(errors)} errors"]
     lines += [f"  error: {e}" for e in errors[:3]]
@@ -255,6 +256,8 @@ def report(n: int, results: list[CallResult], lead_ms: float) -> list[str]:
     lines += [
         f"  media frames: {len(sizes)} ({reply_s:.1f} s of audio), {sum(1 for s in sizes if s == FRAME_MS)} of "
         f"{FRAME_MS} ms; marks {sum(r.marks for r in answered)}, clears {sum(r.clears for r in answered)}",
+        f"  reply audio per call s: min {min(lengths):.2f} / median {percentile(lengths, 50):.2f} / "
+        f"max {max(lengths):.2f}",
         f"  inter-frame gap ms: p50 {percentile(gaps, 50):.1f} / p99 {percentile(gaps, 99):.1f} / "
         f"max {max(gaps, default=float('nan')):.1f}",
         f"  largest burst ahead of real time: {max(bursts):.0f} ms (lead {lead_ms:g} ms + one frame = "
@@ -275,7 +278,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--text", default=UTTERANCE, help="what every caller says (espeak-ng, en-us)")
     p.add_argument("--lead-ms", type=float, default=160.0, help="the server's --telephony-lead-ms (for the report)")
     p.add_argument("--stagger-ms", type=float, default=100.0, help="between call starts within a step")
-    p.add_argument("--quiet-ms", type=float, default=1500.0, help="a reply is over after this long without audio")
+    p.add_argument("--quiet-ms", type=float, default=3000.0,
+                   help="a reply is over after this long without audio (longer than the worst stall)")
     p.add_argument("--max-reply-s", type=float, default=30.0, help="stop listening this long after the speech")
     args = p.parse_args(list(argv))
     if not args.url.startswith(("ws://", "wss://")):
