@@ -106,7 +106,9 @@ async def test_a_toy_wire_format_opens_on_connect_with_a_query_key_and_gets_repl
         async with asyncio.timeout(10):
             while "ResponseFinished" not in names:
                 message = await ws.recv()
-                names.append("audio" if isinstance(message, bytes) else json.loads(message)["event"])
+                name = "audio" if isinstance(message, bytes) else json.loads(message)["event"]
+                if name != "UserTranscript":  # the fake's transcript of the turn, whenever it comes
+                    names.append(name)
         assert names[:2] == ["SessionStarted", "ErrorEvent"]
         assert names[2:] == ["SpeechStarted", "SpeechStopped", "ResponseStarted",
                              "ResponseText", "audio", "ResponseText", "audio", "ResponseFinished"]

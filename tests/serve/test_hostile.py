@@ -566,16 +566,7 @@ class DeafClient:
             self.sock.sendall(chunk)
 
 
-# A native session transcribes its turns, and a transcript that arrives while a deaf reader's outbox is full raises
-# SlowClient in a bare event-loop callback (asyncio logs a traceback at ERROR): whether it does in this test is a
-# matter of timing. Reproduced deterministically, strict, by test_openai_server.py's
-# test_a_transcript_that_overflows_a_slow_clients_outbox_closes_it_cleanly.
-TRANSCRIPT_OVERFLOW = pytest.mark.xfail(strict=False, reason="connection.py _on_transcript: SlowClient raised in a "
-                                        "loop callback when a transcript overflows the outbox (timing-dependent)")
-
-
-@pytest.mark.parametrize("endpoint", [pytest.param(e, marks=TRANSCRIPT_OVERFLOW) if e.name == "native" else e
-                                      for e in ENDPOINTS], ids=lambda e: e.name)
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.name)
 def test_a_reader_that_never_reads_is_closed_and_forgotten(
     server: Server, healthy: HealthyCaller, endpoint: Endpoint
 ) -> None:

@@ -134,9 +134,6 @@ def test_max_items_adding_after_the_oldest_item_evicts_it_and_the_new_item_is_fi
     assert previous is None  # the item it followed has left
 
 
-@pytest.mark.xfail(strict=True, reason="items.py ItemList.add: when the list is full, an item added after ROOT "
-                   "is inserted at index 0 and then evicted at once by pop(0) as 'the oldest'; the new item "
-                   "vanishes while the session still reports it added (and the engine history has it)")
 def test_max_items_adding_at_root_keeps_the_new_item() -> None:
     items = full()
     previous = items.add(Item("new", "user"), ROOT)

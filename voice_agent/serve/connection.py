@@ -132,6 +132,7 @@ class Connection:
         self._tg: anyio.abc.TaskGroup | None = None
         self._last_audio = 0.0  # when the session last received audio (monotonic s)
         self._audio_mark: tuple[str, float] | None = None  # reply audio the next queued message completes
+        self._transcripts: asyncio.Queue[TranscriptEvent] = asyncio.Queue()  # from the engine, one per item
 
     async def run(self) -> Exception | None:
         """Serve the client until it leaves (None) or something ends the connection (that exception)."""
@@ -160,6 +161,7 @@ class Connection:
                 if self.paced is not None:
                     tg.start_soon(self.paced.run)
                 tg.start_soon(self._watch_client)
+                tg.start_soon(self._transcript_loop)
                 await self._receive_loop()
                 tg.cancel_scope.cancel()
         except Exception as group:
@@ -307,9 +309,15 @@ class Connection:
                                event.frame_ms, info.model_name, info.demo, event.settings)]
 
     def _on_transcript(self, event: TranscriptEvent) -> None:
-        """A user transcript from the engine (on the loop)."""
-        if self.session is not None:
-            self._apply(self.session.on_transcript(event))
+        """A user transcript from the engine (a callback on the loop): handed to the task group's transcript
+        task, so what it raises (a slow client's full outbox) ends the connection like anything else."""
+        self._transcripts.put_nowait(event)
+
+    async def _transcript_loop(self) -> None:
+        while True:
+            event = await self._transcripts.get()
+            if self.session is not None:
+                self._apply(self.session.on_transcript(event))
 
     def _apply(self, outputs: list[Output]) -> None:
         """Carry out a session's outputs in order: engine commands, then events for the client."""

@@ -53,9 +53,9 @@ class ItemList:
         else:
             i = self._index(after) + 1
         self._items.insert(i, item)
-        if len(self._items) > MAX_ITEMS:
-            self._items.pop(0)
-            i -= 1
+        if len(self._items) > MAX_ITEMS:  # the oldest other than the new one leaves
+            self._items.pop(1 if i == 0 else 0)
+            i = max(0, i - 1)
         return self._items[i - 1].id if i > 0 else None
 
     def delete(self, item_id: str) -> None:

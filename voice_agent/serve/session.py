@@ -54,9 +54,11 @@ from voice_agent.engine.api import (
     TurnError,
     TurnSettings,
 )
-from voice_agent.errors import SessionStateError
+from voice_agent.engine.sessions import check_turn_audio
+from voice_agent.errors import SessionStateError, TurnRejected
 from voice_agent.serve.items import ROOT, ItemList
 from voice_agent.serve.protocols.events import (
+    BAD_AUDIO,
     BAD_FIELD,
     CreateItem,
     CreateResponse,
@@ -197,6 +199,7 @@ class _Response:
     item_id: str = ""  # its reply's item
     options: ResponseOptions = ResponseOptions()
     cause: Literal["", "turn_detected", "client_cancelled"] = ""
+    truncated_ms: float | None = None  # a client's truncate: its audio stays cut there
     submitted: bool = False
     generating: bool = True
     audio_ms: float = 0.0  # reply audio queued for the client so far
@@ -265,7 +268,8 @@ class Session:
             if self.state is TurnState.OVERLAP and duration_ms >= self.settings.min_interruption_ms and interrupts:
                 self._interrupt(now, out, "turn_detected")  # the whole utterance arrived in one piece
             if self.state is TurnState.OVERLAP and (interrupts or duration_ms < self.settings.min_interruption_ms):
-                out.append(SpeechStopped(ev.at_ms, duration_ms, turn=False, reason=ev.reason))
+                out.append(SpeechStopped(ev.at_ms, duration_ms, turn=False, reason=ev.reason,
+                                         item_id=self._speech_item))
                 self._fire(Trigger.BACKCHANNEL)
                 continue
             if self.state is TurnState.OVERLAP or not self.settings.create_response:
@@ -311,7 +315,8 @@ class Session:
                 out.append(ResponseFinished(response_id, event.reason, event.text, audio_ms, timings, done.item_id,
                                             event.input_tokens, event.output_tokens, done.cause))
                 status: Literal["completed", "incomplete"] = "completed" if event.reason == "eos" else "incomplete"
-                self.items.update(done.item_id, text=event.text, audio_ms=audio_ms, status=status)
+                kept_ms = audio_ms if done.truncated_ms is None else min(audio_ms, done.truncated_ms)
+                self.items.update(done.item_id, text=event.text, audio_ms=kept_ms, status=status)
             else:
                 out.append(ErrorEvent(event.code, event.message))
                 out.append(ResponseFinished(response_id, "error", "", audio_ms, timings, done.item_id))
@@ -415,6 +420,11 @@ class Session:
                                event_id=event.event_id, param="item.id")]
         if after is not None and after != ROOT and after not in self.items:
             return [self._missing(after, event.event_id, "previous_item_id")]
+        if item.audio is not None:
+            try:
+                check_turn_audio(item.audio)
+            except TurnRejected as e:
+                return [ErrorEvent(BAD_AUDIO, f"item.content: {e}", event_id=event.event_id, param="item.content")]
         out: list[Output] = []
         self._add(item, after, out)
         return out
@@ -442,12 +452,18 @@ class Session:
                                event_id=event.event_id, param="item_id")]
         out: list[Output] = []
         r = self._current
-        if r is not None and r.item_id == item.id and r.submitted:
+        draining = self._draining
+        if r is not None and r.item_id == item.id and r.submitted:  # still playing or generating: stop it
             end = round(min(event.audio_end_ms, r.sent_ms), 2)
             self.on_playback(r.id, end, now)
+            r.truncated_ms = end
             if self._current is r:
                 r.reported_at, r.played_ms = now, end
                 self._interrupt(now, out, "client_cancelled")
+        elif draining is not None and draining.item_id == item.id:  # cancelled, still winding down
+            end = round(min(event.audio_end_ms, draining.sent_ms), 2)
+            draining.truncated_ms = end
+            out.append(EditHistory("truncate", item_id=item.id, audio_ms=end))
         else:
             end = round(min(event.audio_end_ms, item.audio_ms), 2)
             out.append(EditHistory("truncate", item_id=item.id, audio_ms=end))
@@ -473,9 +489,10 @@ class Session:
         self._current = r
         self._fire(Trigger.RESPONSE_REQUESTED)
         r.submitted = True
-        out: list[Output] = [ResponseStarted(r.id, r.item_id, options)]
+        previous = None
         if options.keep:
-            self.items.add(Item(r.item_id, "assistant", text="", status="in_progress", kind=self._kind(r)))
+            previous = self.items.add(Item(r.item_id, "assistant", text="", status="in_progress", kind=self._kind(r)))
+        out: list[Output] = [ResponseStarted(r.id, r.item_id, options, previous)]
         turn = options.turn if options.turn is not None else self.settings.turn
         out.append(StartResponse(r.id, r.item_id, turn, options.instructions, options.keep, now))
         return out
@@ -498,8 +515,12 @@ class Session:
             raise SessionStateError(f"no transition from {self.state.value} on {trigger.value}") from None
 
     def _new_item_id(self) -> str:
-        self._item_count += 1
-        return f"item_{self.id}_{self._item_count}"
+        """A fresh item id, never one a client already chose."""
+        while True:
+            self._item_count += 1
+            item_id = f"item_{self.id}_{self._item_count}"
+            if item_id not in self.items:
+                return item_id
 
     def _keep(self, pcm: np.ndarray) -> None:
         """Input audio since the last commit, the newest MAX_INPUT_SAMPLES of it."""
@@ -580,8 +601,8 @@ class Session:
         previous = self.items.add(Item(r.user_item, "user", audio=r.audio, kind="audio"))
         if self.conversation_events:
             out.append(ItemAdded(Item(r.user_item, "user", audio=r.audio, kind="audio"), previous))
-        self.items.add(Item(r.item_id, "assistant", text="", status="in_progress", kind=self._kind(r)))
-        out.append(ResponseStarted(r.id, r.item_id, r.options))
+        reply_previous = self.items.add(Item(r.item_id, "assistant", text="", status="in_progress", kind=self._kind(r)))
+        out.append(ResponseStarted(r.id, r.item_id, r.options, reply_previous))
         transcribe = self.settings.transcribe
         out.append(SubmitTurn(r.id, r.audio, self.settings.turn, r.speech_end, r.user_item, r.item_id, transcribe))
         r.audio = np.zeros(0, dtype=np.float32)

@@ -253,6 +253,7 @@ class ResponseStarted:
     response_id: str
     item_id: str = ""
     options: ResponseOptions = ResponseOptions()
+    previous_item_id: str | None = None  # the item the reply follows in the conversation (in band)
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,6 @@ class OpenAIRealtimeProtocol:
         self.session_id = ""
         self._in = Resampler(WIRE_RATE_HZ[PCM], INPUT_SAMPLE_RATE)
         self._reply: _Reply | None = None
-        self._last_item_id: str | None = None
         self._events = 0
 
     # ---- handshake -------------------------------------------------------------------------------------
@@ -605,7 +604,6 @@ class OpenAIRealtimeProtocol:
             return [{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": round(event.at_ms),
                      "item_id": event.item_id or ""}]
         if isinstance(event, InputCommitted):
-            self._last_item_id = event.item_id
             return [{"type": "input_audio_buffer.committed", "item_id": event.item_id,
                      "previous_item_id": event.previous_item_id}]
         if isinstance(event, InputCleared):
@@ -614,7 +612,6 @@ class OpenAIRealtimeProtocol:
             return [{"type": "input_audio_buffer.timeout_triggered", "audio_start_ms": round(event.audio_start_ms),
                      "audio_end_ms": round(event.audio_end_ms), "item_id": event.item_id}]
         if isinstance(event, ItemAdded):
-            self._last_item_id = event.item.id
             added = {"type": "conversation.item.added", "previous_item_id": event.previous_item_id,
                      "item": item_json(event.item)}
             done = {**added, "type": "conversation.item.done"}
@@ -622,8 +619,6 @@ class OpenAIRealtimeProtocol:
         if isinstance(event, ItemDone):
             return [{"type": "conversation.item.done", "item": item_json(event.item)}]
         if isinstance(event, ItemDeleted):
-            if self._last_item_id == event.item_id:
-                self._last_item_id = None
             return [{"type": "conversation.item.deleted", "item_id": event.item_id}]
         if isinstance(event, ItemRetrieved):
             return [{"type": "conversation.item.retrieved", "item": item_json(event.item)}]
@@ -666,9 +661,8 @@ class OpenAIRealtimeProtocol:
              "item": {**item, "content": []}},
         ]
         if opts.keep:
-            messages.append({"type": "conversation.item.added", "previous_item_id": self._last_item_id,
+            messages.append({"type": "conversation.item.added", "previous_item_id": event.previous_item_id,
                              "item": {**item, "content": []}})
-            self._last_item_id = reply.item_id
         messages.append({**self._part_ids(reply), "type": "response.content_part.added",
                          "part": _part(opts.modality, "")})
         return messages
