@@ -32,6 +32,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from voice_agent.tools.bench_vocoder import main as bench_vocoder_main
 
         return bench_vocoder_main(args.rest)
+    if args.what == "calls":
+        from voice_agent.tools.bench_calls import bench_calls_main
+
+        return bench_calls_main(args.rest)
     from voice_agent.tools.bench import bench_engine_main
 
     return bench_engine_main(args.rest)
@@ -102,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                         " voice_agent.tools.generate)")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("bench", help="benchmarks: model, vocoder, engine")
-    p.add_argument("what", choices=["model", "vocoder", "engine"])
+    p = sub.add_parser("bench", help="benchmarks: model, vocoder, engine, calls (phone-call pacing)")
+    p.add_argument("what", choices=["model", "vocoder", "engine", "calls"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (--help for them)")
     p.set_defaults(func=_cmd_bench)
     return parser

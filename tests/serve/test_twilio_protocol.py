@@ -244,6 +244,7 @@ def test_malformed_input_is_a_protocol_error_and_the_call_goes_on(
 
 
 def test_reply_audio_goes_out_in_20ms_mulaw_frames_with_a_mark_after_each_chunk() -> None:
+    """(and every 100 ms within a chunk: see the next test)"""
     p = opened()
     assert p.encode(ResponseStarted("resp_1", "item_1")) == []
     audio = tone(24_000, 24_000)  # 1 s of reply
@@ -278,6 +279,17 @@ def test_a_mark_name_counts_the_audio_framed_so_far() -> None:
     n = len(payloads(first))
     assert marks(first) == [f"r:{n * 20}"]
     assert p.encode(ResponseAudio("r", tone(10, 24_000), 100.0)) == []  # not a whole frame yet: no mark
+
+
+def test_a_long_chunk_gets_a_mark_every_100_ms_so_a_cut_is_that_precise() -> None:
+    p = opened()
+    p.encode(ResponseStarted("r", ""))
+    out = p.encode(ResponseAudio("r", tone(12_000, 24_000), 0.0))  # one 500 ms chunk (as an engine block)
+    events = [json.loads(m)["event"] for m in out]
+    n = len(payloads(out))
+    assert n >= 20 and events[:6] == ["media"] * 5 + ["mark"]  # 5 frames (100 ms), then a mark
+    assert [float(x.rpartition(":")[2]) for x in marks(out)][:4] == [100.0, 200.0, 300.0, 400.0]
+    assert marks(out)[-1] == f"r:{n * 20}" and events[-1] == "mark"
 
 
 def test_interrupted_sends_clear_and_forgets_the_reply() -> None:

@@ -99,6 +99,7 @@ MAX_INSTRUCTIONS_CHARS = 8_000  # an `instructions` custom parameter longer than
 CLEARED_REMEMBERED = 16  # cleared replies whose marker echoes are still recognised and ignored
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 MARK_SEPARATOR = ":"  # marker names: "<response id>:<ms of the reply sent>"
+MARK_INTERVAL_MS = 100  # a playback marker at least this often within a chunk (the cut's resolution)
 
 # The phone-line tuning (see the module docstring); the rest of the server's defaults stay.
 PHONE_VAD_AGGRESSIVENESS = 3  # webrtcvad's most aggressive mode (the server default is 2)
@@ -398,7 +399,8 @@ class CarrierProtocol:
 
     def _frames(self, reply: _Reply, pcm: np.ndarray, *, final: bool) -> list[str | bytes]:
         """`pcm` (carrier rate) appended to the reply's pending samples, cut into whole frames; with
-        `final` the last partial frame is padded with silence. A marker follows when any frame went."""
+        `final` the last partial frame is padded with silence. A marker follows every MARK_INTERVAL_MS of
+        frames and the last frame, so a barge-in cuts the history within MARK_INTERVAL_MS of what was heard."""
         n = self.codec.frame_samples(self.frame_ms)
         pending = np.concatenate([reply.pending, np.asarray(pcm, np.float32)])  # (T,)
         whole = len(pending) // n * n
@@ -411,10 +413,15 @@ class CarrierProtocol:
             reply.pending = np.zeros(0, np.float32)
         if not frames:
             return []
-        reply.sent_samples += real
-        end_ms = round(reply.sent_samples * 1000 / self.codec.rate_hz, 3)
-        messages: list[str | bytes] = [self._media_message(self.codec.encode(f)) for f in frames]
-        messages.append(self._mark_message(f"{reply.response_id}{MARK_SEPARATOR}{end_ms:g}"))
+        every = max(1, MARK_INTERVAL_MS // self.frame_ms)
+        messages: list[str | bytes] = []
+        for j, frame in enumerate(frames):
+            messages.append(self._media_message(self.codec.encode(frame)))
+            last = j == len(frames) - 1
+            reply.sent_samples += (real - n * j) if last else n
+            if last or (j + 1) % every == 0:  # the playback position, every MARK_INTERVAL_MS and at the end
+                end_ms = round(reply.sent_samples * 1000 / self.codec.rate_hz, 3)
+                messages.append(self._mark_message(f"{reply.response_id}{MARK_SEPARATOR}{end_ms:g}"))
         return messages
 
 
