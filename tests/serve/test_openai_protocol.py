@@ -587,7 +587,7 @@ def one_response(p: OpenAIRealtimeProtocol, options: ResponseOptions = ResponseO
                  reason: str = "eos", cause: Any = "") -> list[dict[str, Any]]:
     audio = sine(OUTPUT_SAMPLE_RATE, 0.1)
     events: list[ServerEvent] = [
-        ResponseStarted("resp_1", "item_a", options),
+        ResponseStarted("resp_1", "item_a", options, "item_u" if options.keep else None),
         ResponseText("resp_1", "Hello"), ResponseAudio("resp_1", audio, 0.0),
         ResponseText("resp_1", " there"), ResponseAudio("resp_1", audio, 100.0),
         ResponseFinished("resp_1", reason, "Hello there", 200.0, {}, item_id="item_a", input_tokens=40,
