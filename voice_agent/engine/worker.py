@@ -73,8 +73,9 @@ log = logging.getLogger(__name__)
 
 WARMUP_SESSION = "warm-up"
 MAX_FORMATS = 64  # prompt formats (one per distinct system prompt) kept
-TRANSCRIPT_TOKENS_BUSY = 2  # transcript tokens decoded per step while replies stream
-TRANSCRIPT_TOKENS_IDLE = 16  # ... and per step when no reply runs
+# Transcript tokens decoded per step (one decoder forward each): a turn that arrives meanwhile waits for at most
+# that step, so it is kept to one token; an idle engine steps again at once, so transcripts still finish quickly.
+TRANSCRIPT_TOKENS_PER_STEP = 1
 
 
 class ModelWorker:
@@ -385,8 +386,8 @@ class ModelWorker:
         self.transcripts.submit(session.id, item_id, encoder_out, seconds, emit)
 
     def _transcribe(self) -> None:
-        """Decode transcripts when no reply waits for its first audio (or first units, without a vocoder):
-        a few tokens per step while replies stream, more when the engine has nothing else to do."""
+        """Decode transcripts when no reply waits for its first audio (or first units, without a vocoder),
+        one token per step."""
         if not self.transcripts.busy:
             return
         def waiting(t: TurnRun) -> bool:
@@ -395,7 +396,7 @@ class ModelWorker:
 
         if any(waiting(t) for t in self.turns.values()):
             return
-        self.transcripts.step(TRANSCRIPT_TOKENS_BUSY if self.turns else TRANSCRIPT_TOKENS_IDLE)
+        self.transcripts.step(TRANSCRIPT_TOKENS_PER_STEP)
 
     # ---------------------------------------------------------------- admission
     def _admit(self, turns: list[TurnRun]) -> None:
