@@ -904,10 +904,6 @@ TELNYX_AHEAD = 16_000  # control messages numbered far ahead of the call's media
 TELNYX_AHEAD_ANSWER_S = 2.0  # the turn after them is answered this soon (about 0.6 s when they cost O(1) each)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "TelnyxProtocol holds every control message (dtmf, mark, error) numbered ahead of the next expected "
-    "sequence_number without bound, and each arrival rescans all held messages (`_release` sums over `_held`): "
-    "O(n^2) on the event loop. 16000 dtmf numbered ahead delay the next turn's answer by seconds (20000: 6 s)."))
 def test_telnyx_control_messages_numbered_far_ahead_do_not_stall_the_call(
     server: Server, healthy: HealthyCaller
 ) -> None:

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 EVENTS = ("connected", "start", "media", "mark", "dtmf", "stop", "error")
 CODECS = {"PCMU": Codec("mulaw", 8_000), "PCMA": Codec("alaw", 8_000), "L16": Codec("l16", 8_000, big_endian=True)}
 RATES = (8_000, 16_000)
-REORDER_WINDOW = 4  # media frames held while waiting for a missing one (80 ms of 20 ms frames)
+REORDER_WINDOW = 4  # messages held while waiting for a missing one (80 ms of 20 ms frames)
 
 
 class TelnyxProtocol(CarrierProtocol):
@@ -137,8 +137,8 @@ class TelnyxProtocol(CarrierProtocol):
         while self._held:
             assert self._next_seq is not None
             if self._next_seq not in self._held:
-                waiting = sum(p is not None for p in self._held.values())
-                if not flush and waiting <= REORDER_WINDOW:
+                # Every held message counts (control ones too), so nothing piles up behind a gap.
+                if not flush and len(self._held) <= REORDER_WINDOW:
                     break
                 self._next_seq = min(self._held)  # give up the gap
             payload = self._held.pop(self._next_seq)
