@@ -1,4 +1,4 @@
-"""Test fakes: FakeEngine, FakeEnergyClassifier, and test signals (`tone`, `silence`).
+"""Test fakes: FakeEngine, FakeEnergyClassifier, test signals (`tone`, `silence`) and `SessionClock`.
 
 FakeEngine is a fake of `voice_agent.engine.api.Engine` for server and session tests (no model, no torch).
 
@@ -68,6 +68,24 @@ class FakeEnergyClassifier:
 
     def is_speech(self, frame: np.ndarray) -> bool:
         return float(np.sqrt(np.mean(frame**2))) > 0.01
+
+
+class SessionClock:
+    """Feeds audio to a `voice_agent.serve.session.Session` in 20 ms frames, advancing `now` (stream time, s)
+    by the audio's duration; returns the session's outputs."""
+
+    FRAME_MS = 20
+
+    def __init__(self, session: Any) -> None:
+        self.session, self.now = session, 100.0
+
+    def feed(self, audio: np.ndarray) -> list:
+        out: list = []
+        step = self.FRAME_MS * INPUT_SAMPLE_RATE // 1000
+        for i in range(0, len(audio), step):
+            self.now += self.FRAME_MS / 1000
+            out += self.session.on_audio(audio[i : i + step], self.now)
+        return out
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fakes import FakeEnergyClassifier, silence, tone
+from fakes import FakeEnergyClassifier, SessionClock, silence, tone
 
 from voice_agent.engine.api import AudioChunk, ResponseDone, TextDelta, TurnError, TurnTimings
 from voice_agent.errors import SessionStateError, VadSettingsError
@@ -26,18 +26,7 @@ from voice_agent.serve.vad import TurnDetector, VadSettings
 FRAME_MS = 20
 
 
-class Clock:
-    """Feeds audio to a session in 20 ms frames, advancing `now` by the audio's duration."""
-
-    def __init__(self, session: Session) -> None:
-        self.session, self.now = session, 100.0
-
-    def feed(self, audio: np.ndarray) -> list:
-        out = []
-        for i in range(0, len(audio), FRAME_MS * 16):
-            self.now += FRAME_MS / 1000
-            out += self.session.on_audio(audio[i : i + FRAME_MS * 16], self.now)
-        return out
+Clock = SessionClock
 
 
 def make_session(min_interruption_ms: int = 400, silence_ms: int = 300) -> tuple[Session, Clock]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fakes import FakeEnergyClassifier, silence, tone
+from fakes import FakeEnergyClassifier, SessionClock, silence, tone
 
 from voice_agent.engine.api import (
     AudioChunk,
@@ -59,18 +59,7 @@ def iid(n: int) -> str:
     return f"item_{SID}_{n}"
 
 
-class Clock:
-    """Feeds audio to a session in 20 ms frames, advancing `now` by the audio's duration."""
-
-    def __init__(self, session: Session) -> None:
-        self.session, self.now = session, 100.0
-
-    def feed(self, audio: np.ndarray) -> list:
-        out = []
-        for i in range(0, len(audio), FRAME_MS * 16):
-            self.now += FRAME_MS / 1000
-            out += self.session.on_audio(audio[i : i + FRAME_MS * 16], self.now)
-        return out
+Clock = SessionClock
 
 
 def make(**changes: Any) -> tuple[Session, Clock]:
