@@ -68,6 +68,7 @@ class TurnRecord:
     jitter_ms: float = 0.0  # the simulated jitter buffer's depth
     reply_started_ms: float | None = None  # ms after speech_end when playback began (first byte + jitter)
     reply_chunks: list[tuple[float, float]] = field(default_factory=list)  # (arrival ms after speech_end, audio ms)
+    cut: bool = False  # the run's deadline ended the turn before it finished: not a failure, and not a full turn
 
     def to_json(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
