@@ -170,7 +170,7 @@ def test_the_duration_bounds_the_run(tmp_path: Path) -> None:
     (["ws://h:1", "--ramp", "1,2", "--callers", "4"], "expected --callers N or --ramp 1,2, got both"),
     (["ws://h:1", "--duration", "99999"], "--duration: expected 1..3600, got 99999"),
     (["ws://h:1", "--barge-in", "1.5"], "--barge-in: expected 0..1, got 1.5"),
-    (["ftp://h:1"], "URL: expected ws://HOST:PORT[/path]"),
+    (["ftp://h:1"], "URL: expected a ws://, wss://, http:// or https:// URL with a host, got 'ftp://h:1'"),
     ([], "expected a server URL"),
 ])
 def test_usage_errors_say_what_was_expected(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,7 +183,7 @@ def test_usage_errors_say_what_was_expected(argv: list[str], message: str, capsy
 def test_urls() -> None:
     assert plan().url == "ws://127.0.0.1:9/ws"
     assert Plan.from_args(build_parser().parse_args(["http://h:1", "--protocol", "openai"])).url == \
-        "ws://h:1/v1/realtime"
+        "ws://h:1/v1/realtime?model=voice-agent"
     assert Plan.from_args(build_parser().parse_args(["wss://h/custom/twilio", "--protocol", "twilio"])).url == \
         "wss://h/custom/twilio"
     assert "key" not in json.dumps(plan("--key", "s3cret").info()).replace("key_given", "")

@@ -36,9 +36,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, cast
-from urllib.parse import urlsplit, urlunsplit
 
 from voice_agent.errors import VoiceAgentError
+from voice_agent.tools.loadtest import dialects
 from voice_agent.tools.loadtest.records import TurnRecord, Utterance
 from voice_agent.tools.loadtest.report import (
     JSON_NAME,
@@ -62,7 +62,6 @@ from voice_agent.tools.loadtest.stats import (
 )
 
 PROTOCOLS = ("native", "openai", "twilio")
-DEFAULT_PATHS = {"native": "/ws", "openai": "/v1/realtime", "twilio": "/twilio"}  # when the URL has no path
 MAX_CALLERS = 128  # connections at once, whatever the options say
 AUTO_MAX_CALLERS = 64  # where --ramp auto stops doubling unless --callers says less
 MAX_DURATION_S = 3600.0  # the longest run --duration allows
@@ -86,14 +85,11 @@ class LoadtestError(VoiceAgentError):
 
 # ---- options -----------------------------------------------------------------------------------------------
 def endpoint_url(url: str, protocol: str) -> str:
-    """The WebSocket URL to call: ws(s):// as given (http(s):// becomes ws(s)://), and the protocol's
-    default path (/ws, /v1/realtime, /twilio) when the URL has none."""
-    parts = urlsplit(url)
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss") or not parts.netloc:
-        raise LoadtestError(f"URL: expected ws://HOST:PORT[/path] (or wss://, http://, https://), got {url!r}")
-    path = parts.path if parts.path not in ("", "/") else DEFAULT_PATHS[protocol]
-    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+    """The WebSocket URL the callers call (dialects.endpoint_url: the protocol's path when the URL has none)."""
+    try:
+        return dialects.endpoint_url(url, cast(dialects.Protocol, protocol))
+    except ValueError as e:
+        raise LoadtestError(f"URL: {e}") from None
 
 
 def parse_ramp(text: str) -> list[int] | None:
