@@ -194,7 +194,9 @@ class Turn:
         return sorted(out)
 
     def play_end(self, jitter_ms: float) -> float | None:
-        return simulate_playback(self.chunks(), jitter_ms).ended
+        """When the simulated player has played the turn's reply audio (time.monotonic())."""
+        ended = simulate_playback([(t * 1000.0, d) for t, d in self.chunks()], jitter_ms).ended
+        return None if ended is None else ended / 1000.0
 
 
 def turn_record(turn: Turn, *, caller: int, protocol: str, jitter_ms: float, error: str | None) -> TurnRecord:
@@ -396,7 +398,11 @@ class Caller:
 
     async def _turns(self) -> None:
         index, turn = 0, None
-        while self.closed is None:
+        while True:
+            if self.closed is not None and turn is None:  # the server ended the call between turns
+                self._report(failed_record(self.caller, self.client.protocol, index, None, self.closed,
+                                           self.jitter_ms))
+                return
             if turn is None:
                 if not self._more_turns(index):
                     return
@@ -415,8 +421,8 @@ class Caller:
                 self.held = (turn, error)
             else:
                 self._report(self._record(turn, error))
-            if error is not None and self.closed is not None:
-                return
+            if self.closed is not None and error is not None and self.closed in error:
+                return  # the failure is reported with this turn
             index, turn = index + 1, following
 
     def _report_held(self, record: TurnRecord) -> None:
