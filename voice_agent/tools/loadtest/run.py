@@ -53,7 +53,6 @@ from voice_agent.tools.loadtest.report import (
 from voice_agent.tools.loadtest.stats import (
     DEFAULT_SLO,
     SloClause,
-    SloError,
     evaluate_slo,
     largest_holding,
     parse_slo,
@@ -108,6 +107,12 @@ def parse_ramp(text: str) -> list[int] | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="voice-agent loadtest", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_loadtest_arguments(p)
+    return p
+
+
+def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `voice-agent loadtest` (cli.py registers them on its subcommand)."""
     p.add_argument("url", nargs="?", help="the server, e.g. ws://127.0.0.1:8000 (the protocol's path is added "
                                           "when the URL has none: /ws, /v1/realtime, /twilio)")
     p.add_argument("--callers", type=int, default=None,
@@ -132,7 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="utterance order, barge-in points (per caller)")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                    help="compare two runs' first-audio percentiles (B/A with bootstrap intervals) and exit")
-    return p
 
 
 @dataclass(frozen=True)
@@ -436,18 +440,23 @@ def execute(plan: Plan, corpus: Sequence[Utterance], out: Path, *, run_caller: C
     return 0 if best is not None else 1
 
 
-def loadtest_main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(None if argv is None else list(argv))
-    try:
-        if args.compare is not None:
-            a, b = (read_run(Path(p)) for p in args.compare)
-            print(format_comparison(a, b))
-            return 0
-        plan = Plan.from_args(args)
-        from voice_agent.tools.loadtest.corpus import load_corpus
+def run_loadtest(args: argparse.Namespace) -> int:
+    """`voice-agent loadtest` with parsed options; a bad option raises a VoiceAgentError saying what it
+    expected (cli.main prints it and exits 2)."""
+    if args.compare is not None:
+        a, b = (read_run(Path(p)) for p in args.compare)
+        print(format_comparison(a, b))
+        return 0
+    plan = Plan.from_args(args)
+    from voice_agent.tools.loadtest.corpus import load_corpus
 
-        corpus = load_corpus(args.speech)
-    except (LoadtestError, SloError) as e:
-        parser.error(str(e))  # exits 2 with the usage line
-    return execute(plan, corpus, Path(args.out))
+    return execute(plan, load_corpus(args.speech), Path(args.out))
+
+
+def loadtest_main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    try:
+        return run_loadtest(args)
+    except VoiceAgentError as e:
+        print(f"voice-agent loadtest: error: {e}", file=sys.stderr)
+        return 2
