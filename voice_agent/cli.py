@@ -1,4 +1,4 @@
-"""The `voice-agent` command line: serve, download, make-tiny, generate, bench.
+"""The `voice-agent` command line: serve, download, make-tiny, generate, bench, loadtest.
 
 Heavy imports (torch, transformers) happen inside each subcommand so `voice-agent --help` is instant.
 """
@@ -39,6 +39,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from voice_agent.tools.bench import bench_engine_main
 
     return bench_engine_main(args.rest)
+
+
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from voice_agent.tools.loadtest.run import run_loadtest
+
+    return run_loadtest(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -110,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["model", "vocoder", "engine", "calls"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (--help for them)")
     p.set_defaults(func=_cmd_bench)
+
+    from voice_agent.tools.loadtest.run import add_loadtest_arguments  # argparse only: no heavy imports
+
+    p = sub.add_parser("loadtest", help="simulated callers over the network: time to first audio, underruns, "
+                       "capacity", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_loadtest_arguments(p)
+    p.set_defaults(func=_cmd_loadtest)
     return parser
 
 
