@@ -541,3 +541,87 @@ def test_a_speech_turn_that_fails_forgets_its_user_item(models: Models) -> None:
 def test_history_items_are_checked_when_built(bad: dict[str, Any]) -> None:
     with pytest.raises(TurnRejected, match="expected"):
         HistoryItem("x", **bad)
+
+
+# ---------------------------------------------------------------------------------------------- speculation
+def speculate(worker: ModelWorker, audio: np.ndarray, *, speculative: bool, forced: ForcedLength = SHORT) -> Capture:
+    cap = Capture()
+    worker.submit("s", GREEDY, audio, TurnTimings(0.0), forced, cap.events.append, item_id="u2",
+                  speculative=speculative)
+    return cap
+
+
+def test_a_confirmed_speculative_turn_gives_exactly_the_ordinary_turns_reply(models: Models) -> None:
+    replies = {}
+    for speculative in (False, True):
+        worker = item_session(models, HISTORY[:3])
+        cap = speculate(worker, speech(9), speculative=speculative)
+        for _ in range(3):  # it runs before its confirmation (there is slack)...
+            worker.step()
+        if speculative:
+            worker.confirm("s")  # ...and goes on as an ordinary turn
+            assert worker.sessions["s"].turn.timings.confirmed is not None  # type: ignore[union-attr]
+        run(worker, {"s": cap})
+        assert isinstance(cap.done, ResponseDone) and cap.done.reason == "max_tokens"
+        replies[speculative] = cap
+    ordinary, confirmed = replies[False], replies[True]
+    assert ordinary.reply is not None and confirmed.reply is not None
+    assert confirmed.reply.text_ids == ordinary.reply.text_ids and confirmed.text() == ordinary.text()
+    assert confirmed.units() == ordinary.units()
+    a, b = confirmed.audio(), ordinary.audio()
+    assert len(a) == len(b) > 0 and float(np.abs(a - b).max()) == 0.0  # same seeds, same batch: bit for bit
+
+
+def test_a_discarded_speculative_turn_leaves_no_trace(models: Models) -> None:
+    worker = item_session(models, HISTORY[:3])
+    respond_to(worker, "a1b")
+    conv = worker.sessions["s"].conversation
+    assert conv is not None
+    before = ([m.id for m in conv.messages], conv.length, conv.kv_len)
+    cap = speculate(worker, speech(9), speculative=True)
+    for _ in range(4):
+        worker.step()
+    worker.discard("s")  # the caller spoke again: within one step, nothing of the turn is left
+    assert isinstance(cap.done, ResponseDone) and cap.done.reason == "discarded" and cap.done.speculative
+    assert not worker.busy and worker.sessions["s"].turn is None and worker.stats.discarded == 1
+    # The history is as it was; the KV may keep the footer of the last reply, which the speculative prefill fed
+    # and which belongs to that history anyway.
+    assert ([m.id for m in conv.messages], conv.length) == before[:2] and before[2] <= conv.kv_len <= conv.length
+    # The next reply equals the one a session that never speculated gives.
+    after = speculate(worker, speech(10), speculative=False)
+    run(worker, {"s": after})
+    plain = item_session(models, HISTORY[:3])
+    respond_to(plain, "a1b")
+    expected = speculate(plain, speech(10), speculative=False)
+    run(plain, {"s": expected})
+    assert after.reply is not None and expected.reply is not None
+    assert after.reply.text_ids == expected.reply.text_ids
+    torch.testing.assert_close(torch.stack(after.reply.hiddens), torch.stack(expected.reply.hiddens),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_a_speculative_turns_transcript_waits_for_its_confirmation(tiny_root: Path, models: Models) -> None:
+    from voice_agent.engine.api import TranscriptDone
+    from voice_agent.engine.build import load_transcriber
+
+    transcriber, reason = load_transcriber(models.lm, tiny_root / "LLaMA-Omni2-tiny", None)
+    assert transcriber is not None, reason
+    with_transcripts = Models(models.lm, models.decoder, transcriber=transcriber, transcriber_unavailable="")
+    for confirmed in (False, True):
+        worker = make_worker(with_transcripts)
+        heard: list[Any] = []
+        worker.open("s", 0, None, heard.append)
+        cap = Capture()
+        worker.submit("s", GREEDY, speech(9), TurnTimings(0.0), SHORT, cap.events.append, item_id="u",
+                      transcribe=True, speculative=True)
+        for _ in range(3):
+            worker.step()
+        assert heard == []  # encoded, but no transcript while the turn may still be dropped
+        worker.confirm("s") if confirmed else worker.discard("s")
+        for _ in range(2000):
+            if not worker.busy:
+                break
+            worker.step()
+        done = [e for e in heard if isinstance(e, TranscriptDone)]
+        assert (len(done) == 1 and done[0].item_id == "u") if confirmed else heard == []
+

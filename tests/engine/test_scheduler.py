@@ -91,6 +91,18 @@ def test_under_a_batch_cap_every_turn_is_served_fairly() -> None:
     assert max(ahead.values()) - min(ahead.values()) <= 40.0
 
 
+def test_speculative_turns_use_only_slack() -> None:
+    s = Scheduler(SchedulerConfig(max_speculative_load=2))
+    # Confirmed turns are admitted before speculative ones, whatever their arrival.
+    views = [view(1, Q, arrival=1, speculative=True), view(2, Q, arrival=2), view(3, Q, arrival=3)]
+    assert s.schedule(views).admit == (2, 3)  # 2 confirmed turns now in flight: the speculative one waits
+    assert s.schedule([view(2, G), view(1, Q, speculative=True)]).admit == (1,)  # one in flight: slack
+    assert s.schedule([view(2, G), view(3, F), view(1, Q, speculative=True)]).admit == ()
+    # ...and a speculative turn in flight ranks after the confirmed ones in every stage.
+    plan = s.schedule([view(1, G, wants_text=True, speculative=True), view(2, G, wants_text=True, arrival=9)])
+    assert plan.text == (2, 1) and plan.tts == (2, 1)
+
+
 def test_slot_pool_refuses_with_the_limit_named_and_reuses_released_slots() -> None:
     pool = SlotPool(2, "max_sessions 2")
     a, b = pool.acquire("a"), pool.acquire("b")

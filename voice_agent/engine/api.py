@@ -69,6 +69,7 @@ class TurnTimings:
     first_text: float | None = None
     first_units: float | None = None
     first_audio: float | None = None
+    confirmed: float | None = None  # a speculative turn: when its end of turn was confirmed
     done: float | None = None
 
     def as_ms(self) -> dict[str, float | None]:
@@ -107,7 +108,9 @@ class AudioChunk:
 
 @dataclass(frozen=True)
 class ResponseDone:
-    """The turn ended. `reason`: 'eos' (the model finished), 'max_tokens', or 'cancelled'.
+    """The turn ended. `reason`: 'eos' (the model finished), 'max_tokens', 'cancelled', or 'discarded' (a
+    speculative turn dropped without a trace: nothing of it stays in the history). `speculative`: the turn
+    was started before its end of turn was confirmed.
 
     `text` is what stays in the conversation history (cut to what was heard when cancelled; for an
     out-of-band reply, which joins no history, what was generated). `input_tokens`: the prompt positions
@@ -115,11 +118,12 @@ class ResponseDone:
     it generated."""
 
     text: str
-    reason: Literal["eos", "max_tokens", "cancelled"]
+    reason: Literal["eos", "max_tokens", "cancelled", "discarded"]
     timings: TurnTimings
     audio_ms: float = 0.0
     input_tokens: int = 0
     output_tokens: int = 0
+    speculative: bool = False
     kind: Literal["response_done"] = "response_done"
 
 
@@ -217,10 +221,22 @@ class EngineSession(Protocol):
     def submit_turn(
         self, audio: np.ndarray, settings: TurnSettings, *, speech_end: float | None = None,
         item_id: str | None = None, reply_id: str | None = None, transcribe: bool = False,
+        speculative: bool = False,
     ) -> AsyncIterator[EngineEvent]:
         """Start a turn on 16 kHz float32 mono speech: `add_item` of a user audio item (`item_id`, default a
         fresh id) then `respond` (reply item `reply_id`, default a fresh id). Raises TurnRejected if a
-        response is running."""
+        response is running. `speculative`: the end of turn is not confirmed yet; the engine runs it only
+        with slack until `confirm()`, and `discard()` drops it without a trace."""
+        ...
+
+    def confirm(self) -> None:
+        """The running speculative turn's end of turn is confirmed: from now on it is an ordinary turn."""
+        ...
+
+    def discard(self) -> None:
+        """Drop the running turn within one engine step as if it had never been submitted: its user item and
+        reply leave the history (the KV cache is treated as not holding them), its transcript is not made,
+        and its stream ends with `ResponseDone(reason="discarded")`."""
         ...
 
     def add_item(self, item: HistoryItem, *, after: str | None = None) -> None:

@@ -91,6 +91,9 @@ class Message:
     content: list[int] | Speech
     heard: Any = None
     transcribe: bool = False
+    encoder_out: Any = None  # kept for a transcript that waits for its turn's confirmation (speculation)
+    hold_encoder: bool = False  # keep `encoder_out` when encoded
+    audio_seconds: float = 0.0  # the speech's length, once encoded
 
     @property
     def size(self) -> int:

@@ -17,10 +17,14 @@ Policy:
    that has not sent audio yet is never held back: its lead is below one read until its first block.
 3. One TTS LM step for every turn with a block in progress.
 4. One vocoder call (flow + HiFT) for every turn with a unit chunk ready, one chunk per turn per step.
-5. Ranking in every stage (matters only when more than `max_batch` are ready): turns that have not sent
-   audio yet first (first audio is never starved), then the turn whose listener has the least audio
-   buffered ahead of real time (earliest deadline first, which is also what makes it fair: whoever
-   waited longest relative to playback goes next), then arrival order.
+5. Ranking in every stage (matters only when more than `max_batch` are ready): confirmed turns before
+   speculative ones, then turns that have not sent audio yet (first audio is never starved), then the turn
+   whose listener has the least audio buffered ahead of real time (earliest deadline first, which is also
+   what makes it fair: whoever waited longest relative to playback goes next), then arrival order.
+6. Speculation (a turn started during the caller's pause, before the end of turn is confirmed) only uses
+   slack: every queued confirmed turn is admitted before any speculative one, and a speculative turn is
+   admitted only while fewer than `max_speculative_load` confirmed turns are in flight. Under load a
+   speculative turn waits, queued, until it is confirmed (then it is an ordinary turn) or discarded.
 
 Admission (`SlotPool`): a session owns one KV slot for its lifetime. The number of slots is the smaller of
 `max_sessions` and what the KV memory budget holds at the session's context length
@@ -61,6 +65,7 @@ class TurnView:
     vocode_ready: bool = False  # a unit chunk waits for the vocoder
     started_audio: bool = False  # the first audio chunk has been sent
     audio_ahead_ms: float = 0.0  # audio sent minus real time since the first chunk
+    speculative: bool = False  # started before its end of turn was confirmed (may be discarded)
 
 
 @dataclass(frozen=True)
@@ -69,9 +74,10 @@ class SchedulerConfig:
     max_prefill_tokens: int = 8192  # prompt positions prefilled per step (the first turn always goes)
     max_batch: int = 256  # rows per LLM / TTS / vocoder call
     max_text_lead: int = 9  # text tokens a turn may run ahead of the TTS (3 reads at R = 3)
+    max_speculative_load: int = 8  # confirmed turns in flight at which speculative turns stop being admitted
 
     def __post_init__(self) -> None:
-        for name in ("max_new_turns", "max_prefill_tokens", "max_batch", "max_text_lead"):
+        for name in ("max_new_turns", "max_prefill_tokens", "max_batch", "max_text_lead", "max_speculative_load"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SchedulerConfig.{name}: expected a positive int, got {value!r}")
@@ -88,8 +94,8 @@ class StepPlan:
     max_batch: int = 256
 
 
-def _rank(view: TurnView) -> tuple[bool, float, int]:
-    return (view.started_audio, view.audio_ahead_ms if view.started_audio else 0.0, view.arrival)
+def _rank(view: TurnView) -> tuple[bool, bool, float, int]:
+    return (view.speculative, view.started_audio, view.audio_ahead_ms if view.started_audio else 0.0, view.arrival)
 
 
 class Scheduler:
@@ -102,11 +108,15 @@ class Scheduler:
         cfg = self.config
         admit: list[int] = []
         tokens = 0
-        for view in sorted((v for v in views if v.phase is TurnPhase.QUEUED), key=lambda v: v.arrival):
+        confirmed = sum(1 for v in views if v.phase is not TurnPhase.QUEUED and not v.speculative)
+        for view in sorted((v for v in views if v.phase is TurnPhase.QUEUED), key=lambda v: (v.speculative, v.arrival)):
             if len(admit) >= cfg.max_new_turns or (admit and tokens + view.prompt_tokens > cfg.max_prefill_tokens):
                 break
+            if view.speculative and confirmed >= cfg.max_speculative_load:
+                break  # speculation only with slack; the rest of the queue is speculative too
             admit.append(view.id)
             tokens += view.prompt_tokens
+            confirmed += 0 if view.speculative else 1
         admitted = set(admit)
         live = sorted((v for v in views if v.phase is not TurnPhase.QUEUED or v.id in admitted), key=_rank)
         # New turns take part in every stage of the step that prefills them; the engine skips a candidate

@@ -2,8 +2,8 @@
 
 `LocalSession` (the `EngineSession` of api.py) never blocks the event loop: its calls check what they can
 at once (`check_turn_audio`, the engine's settings check) and post a command (`Open`, `Submit`, `Respond`,
-`AddItem`, `DeleteItem`, `TruncateItem`, `SetInstructions`, `Cancel`, `Close`, `Stop`) that the model thread
-applies, in order, before its next step. Each
+`AddItem`, `DeleteItem`, `TruncateItem`, `SetInstructions`, `Confirm`, `Discard`, `Cancel`, `Close`,
+`Stop`) that the model thread applies, in order, before its next step. Each
 turn's events come back through `loop.call_soon_threadsafe` into that turn's `TurnStream`, read as an
 async iterator that ends after `ResponseDone` or `TurnError`.
 """
@@ -50,6 +50,17 @@ class Submit:
     item_id: str | None = None
     reply_id: str | None = None
     transcribe: bool = False
+    speculative: bool = False
+
+
+@dataclass(frozen=True)
+class Confirm:
+    session: LocalSession
+
+
+@dataclass(frozen=True)
+class Discard:
+    session: LocalSession
 
 
 @dataclass(frozen=True)
@@ -150,12 +161,21 @@ class LocalSession:
 
     def submit_turn(self, audio: np.ndarray, settings: TurnSettings, *, speech_end: float | None = None,
                     item_id: str | None = None, reply_id: str | None = None, transcribe: bool = False,
-                    forced: Any | None = None) -> TurnStream:
+                    speculative: bool = False, forced: Any | None = None) -> TurnStream:
         """Start a turn on 16 kHz float32 mono speech. `forced` (a ForcedLength) is for benchmarks."""
         pcm = check_turn_audio(audio)
         stream, timings, emit = self._begin(settings, speech_end, forced)
-        self._engine.post(Submit(self, pcm, settings, timings, forced, emit, item_id, reply_id, transcribe))
+        self._engine.post(Submit(self, pcm, settings, timings, forced, emit, item_id, reply_id, transcribe,
+                                 speculative))
         return stream
+
+    def confirm(self) -> None:
+        if not self._closed:
+            self._engine.post(Confirm(self))
+
+    def discard(self) -> None:
+        if not self._closed:
+            self._engine.post(Discard(self))
 
     def respond(self, settings: TurnSettings, *, item_id: str, instructions: str | None = None, keep: bool = True,
                 speech_end: float | None = None) -> TurnStream:

@@ -61,7 +61,9 @@ from voice_agent.engine.sessions import (
     AddItem,
     Cancel,
     Close,
+    Confirm,
     DeleteItem,
+    Discard,
     LocalSession,
     Open,
     Respond,
@@ -274,7 +276,11 @@ class Engine:
             elif isinstance(command, Submit):
                 worker.submit(command.session.id, _seeded(command.settings), command.audio, command.timings,
                               command.forced, command.emit, item_id=command.item_id, reply_id=command.reply_id,
-                              transcribe=command.transcribe)
+                              transcribe=command.transcribe, speculative=command.speculative)
+            elif isinstance(command, Confirm):
+                worker.confirm(command.session.id)
+            elif isinstance(command, Discard):
+                worker.discard(command.session.id)
             elif isinstance(command, Respond):
                 worker.respond(command.session.id, _seeded(command.settings), command.timings, None, command.emit,
                                item_id=command.item_id, instructions=command.instructions, keep=command.keep)

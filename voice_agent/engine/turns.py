@@ -34,6 +34,7 @@ class StepStats:
     tts_calls: int = 0
     vocode_rows: int = 0
     vocode_calls: int = 0
+    discarded: int = 0  # speculative turns dropped
 
 
 @dataclass
@@ -74,6 +75,8 @@ class TurnRun:
     max_new_tokens: int
     after: str = ""  # the message the reply follows (set at admission)
     user_item: str | None = None  # a speech turn's user message: forgotten if the reply fails or never starts
+    speculative: bool = False  # its end of turn is not confirmed yet (scheduled only with slack)
+    transcribe: bool = False  # its user speech is to be transcribed (a speculative turn's once confirmed)
     input_tokens: int = 0
     reply: Reply | None = None
     reply_start: int = 0

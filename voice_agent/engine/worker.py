@@ -215,15 +215,24 @@ class ModelWorker:
 
     def submit(self, session_id: str, settings: TurnSettings, audio: np.ndarray, timings: TurnTimings,
                forced: ForcedLength | None, emit: Callable[[EngineEvent], None], *, item_id: str | None = None,
-               reply_id: str | None = None, transcribe: bool = False) -> None:
-        """A user speech turn: the speech joins the history, then a reply to it."""
+               reply_id: str | None = None, transcribe: bool = False, speculative: bool = False) -> None:
+        """A user speech turn: the speech joins the history, then a reply to it. A speculative turn's
+        transcript waits for its confirmation (a discarded turn must leave nothing behind)."""
         self._arrivals += 1
         user = item_id or f"turn_{self._arrivals}"
-        self.add_item(session_id, HistoryItem(user, "user", audio=audio, transcribe=transcribe), None)
+        self.add_item(session_id, HistoryItem(user, "user", audio=audio, transcribe=transcribe and not speculative),
+                      None)
         self.respond(session_id, settings, timings, forced, emit, item_id=reply_id or f"reply_{self._arrivals}")
-        turn = self.sessions[session_id].turn
+        session = self.sessions[session_id]
+        turn = session.turn
         if turn is not None:
             turn.user_item = user
+            turn.speculative = speculative
+            turn.transcribe = transcribe
+            conv = session.conversation
+            i = conv.index(user) if conv is not None and speculative and transcribe else None
+            if conv is not None and i is not None:
+                conv.messages[i].hold_encoder = True
 
     def respond(self, session_id: str, settings: TurnSettings, timings: TurnTimings, forced: ForcedLength | None,
                 emit: Callable[[EngineEvent], None], *, item_id: str, instructions: str | None = None,
@@ -266,6 +275,41 @@ class ModelWorker:
         turn.timings.done = time.monotonic()
         self._end(turn, ResponseDone(text, "cancelled", turn.timings, turn.audio_ms, turn.input_tokens,
                                      len(turn.reply.text_ids) if turn.reply is not None else 0))
+
+    def confirm(self, session_id: str) -> None:
+        """The running speculative turn is confirmed: an ordinary turn from now on (and its transcript starts)."""
+        session = self.sessions.get(session_id)
+        turn = session.turn if session is not None else None
+        if turn is None or not turn.speculative:
+            return
+        turn.speculative = False
+        turn.timings.confirmed = time.monotonic()
+        conv = session.conversation if session is not None else None
+        i = conv.index(turn.user_item) if conv is not None and turn.user_item is not None else None
+        if not turn.transcribe or conv is None or i is None or session is None:
+            return
+        message = conv.messages[i]
+        message.transcribe, message.hold_encoder = True, False
+        sp = message.content
+        if isinstance(sp, Speech) and message.encoder_out is not None:  # encoded while speculative
+            self._start_transcript(session, message.id, message.encoder_out, message.audio_seconds)
+            message.encoder_out = None
+
+    def discard(self, session_id: str) -> None:
+        """Drop the running turn as if it had never been submitted (see EngineSession.discard)."""
+        session = self.sessions.get(session_id)
+        turn = session.turn if session is not None else None
+        if session is None or turn is None:
+            return
+        self._forget_user(turn)
+        self._restore(turn)
+        if turn.user_item is not None:
+            self.transcripts.forget(session_id, turn.user_item)
+            self.to_encode = [(s, m) for s, m in self.to_encode if not (s is session and m.id == turn.user_item)]
+        turn.timings.done = time.monotonic()
+        self.stats.discarded += 1
+        self._end(turn, ResponseDone("", "discarded", turn.timings, turn.audio_ms, turn.input_tokens,
+                                     len(turn.reply.text_ids) if turn.reply is not None else 0, speculative=True))
 
     def close(self, session_id: str) -> None:
         self.cancel(session_id, None)
@@ -332,10 +376,11 @@ class ModelWorker:
             assert conv is not None
             pending = (conv.prompt_length if t.fmt is None else conv.prompt_length - len(conv.fmt.system)
                        + len(t.fmt.system)) - conv.kv_len
-            return TurnView(t.id, TurnPhase.QUEUED, t.id, prompt_tokens=max(1, pending))
+            return TurnView(t.id, TurnPhase.QUEUED, t.id, prompt_tokens=max(1, pending), speculative=t.speculative)
         started = t.timings.first_audio is not None
         ahead = t.audio_ms - 1000.0 * (now - t.timings.first_audio) if t.timings.first_audio is not None else 0.0
-        return TurnView(t.id, t.phase, t.id, 0, r.wants_text, r.wants_tts, r.text_lead, bool(t.chunks), started, ahead)
+        return TurnView(t.id, t.phase, t.id, 0, r.wants_text, r.wants_tts, r.text_lead, bool(t.chunks), started, ahead,
+                        t.speculative)
 
     # ---------------------------------------------------------------- speech in, transcripts out
     def _pending(self, session: SessionRun) -> list[Message]:
@@ -365,10 +410,13 @@ class ModelWorker:
                                    f"expected {sp.length}")
             sp.features, seconds, sp.audio = features.row(i), len(sp.audio) / INPUT_SAMPLE_RATE, None
             session = owners.get(id(m)) or self._owner(m)
-            if m.transcribe and session is not None:
+            if (m.transcribe or m.hold_encoder) and session is not None:
                 enc = features.encoder_out[i] if not self.lm.unpadded else features.encoder_out[i, : sp.length * k]
                 # padded: the whole 30-s window, as Whisper's decoder was trained on
-                self._start_transcript(session, m.id, enc, seconds)
+                if m.transcribe:
+                    self._start_transcript(session, m.id, enc, seconds)
+                else:  # a speculative turn's: its transcript starts if the turn is confirmed
+                    m.encoder_out, m.audio_seconds = enc.clone(), seconds
 
     def _owner(self, message: Message) -> SessionRun | None:
         return next((s for s in self.sessions.values() if s.conversation is not None
