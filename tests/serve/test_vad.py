@@ -21,6 +21,8 @@ from voice_agent.errors import VadSettingsError, VadUnavailable
 from voice_agent.serve.vad import (
     SILERO_FRAME_SAMPLES,
     TurnDetector,
+    VadPause,
+    VadResumed,
     VadSettings,
     VadSpeechStarted,
     VadSpeechStopped,
@@ -112,6 +114,27 @@ def test_short_pause_inside_speech_does_not_end_turn() -> None:
     events = run(det, np.concatenate([tone(400), silence(300), tone(400), silence(600)]))
     stops = [e for e in events if isinstance(e, VadSpeechStopped)]
     assert len(stops) == 1 and stops[0].at_ms == 1100.0
+
+
+def test_a_pause_candidate_carries_exactly_the_audio_the_end_of_turn_will() -> None:
+    det = fake_detector(silence_ms=500, speculate_ms=200, prefix_padding_ms=300)  # candidates after 300 ms
+    audio = np.concatenate([tone(400), silence(350), tone(400, hz=300), silence(600)])
+    events = run(det, audio)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["VadSpeechStarted", "VadPause", "VadResumed", "VadPause", "VadSpeechStopped"]
+    first, resumed, second, stop = events[1:]
+    assert first.at_ms == 400.0 and first.detected_ms == 700.0  # not earlier than the 300 ms trailing pad
+    assert resumed.at_ms == 740.0  # the frame 740..760 ms holds the first 10 ms of the new tone
+    assert second.at_ms == stop.at_ms == 1160.0 and second.detected_ms == 1460.0 and stop.detected_ms == 1660.0
+    assert np.array_equal(second.audio, stop.audio)  # the same samples in: the same reply out
+    assert len(first.audio) < len(stop.audio)
+
+
+def test_no_candidates_without_speculation_or_when_the_pause_limit_comes_first() -> None:
+    audio = np.concatenate([tone(400), silence(600)])
+    assert not [e for e in run(fake_detector(silence_ms=500), audio) if isinstance(e, (VadPause, VadResumed))]
+    late = fake_detector(silence_ms=500, speculate_ms=600)  # a candidate after the end of turn: none
+    assert [type(e) for e in run(late, audio)] == [VadSpeechStarted, VadSpeechStopped]
 
 
 def test_max_turn_length_cuts_the_turn() -> None:

@@ -86,7 +86,7 @@ from voice_agent.serve.protocols.events import (
     UserTranscript,
 )
 from voice_agent.serve.settings import SessionSettings
-from voice_agent.serve.vad import TurnDetector, VadSettings, VadSpeechStarted, VadState
+from voice_agent.serve.vad import TurnDetector, VadPause, VadResumed, VadSettings, VadSpeechStarted, VadState
 
 PLAYED_TOLERANCE_MS = 50.0  # a reported position this close to the end counts as "played it all"
 PLAYBACK_SLACK_S = 0.3  # client without reports: jitter buffer + network allowance after real time
@@ -250,6 +250,8 @@ class Session:
             self.detector = TurnDetector(self._next_vad)
             self._next_vad = None
         for ev in self.detector.feed(pcm):
+            if isinstance(ev, (VadPause, VadResumed)):
+                continue  # pause candidates: the session does not speculate (VadSettings.speculate_ms is 0)
             if isinstance(ev, VadSpeechStarted):
                 self._speech_at_ms = ev.at_ms
                 waiting = self._current is not None and not self._current.submitted

@@ -49,6 +49,7 @@ class VadSettings:
     prefix_padding_ms: int = 300  # audio kept before the start of speech
     max_turn_ms: int = MAX_TURN_MS  # a turn is cut here (Whisper's window)
     silero_threshold: float = 0.5  # speech probability above which a silero frame is voiced
+    speculate_ms: int = 0  # a pause this long is a candidate end of turn (`VadPause`); 0: no candidates
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str, got: object) -> None:
@@ -60,7 +61,7 @@ class VadSettings:
              "an integer 0..3", self.aggressiveness)
         if self.kind == "webrtc":
             need(self.frame_ms in WEBRTC_FRAME_MS, "frame_ms", f"one of {WEBRTC_FRAME_MS}", self.frame_ms)
-        for name, lo, hi in (("speech_start_ms", 0, 2_000), ("silence_ms", 50, 10_000),
+        for name, lo, hi in (("speech_start_ms", 0, 2_000), ("silence_ms", 50, 10_000), ("speculate_ms", 0, 10_000),
                              ("prefix_padding_ms", 0, 2_000), ("max_turn_ms", MIN_TURN_MS, MAX_TURN_MS)):
             value = getattr(self, name)
             need(_is_int(value) and lo <= value <= hi, name, f"an integer {lo}..{hi}", value)
@@ -149,7 +150,25 @@ class VadSpeechStopped:
         return self.detected_ms - self.at_ms
 
 
-VadEvent = VadSpeechStarted | VadSpeechStopped
+@dataclass(frozen=True)
+class VadPause:
+    """A candidate end of turn: the speech paused for `speculate_ms` (or the trailing pad, if longer). `audio`
+    is exactly what `VadSpeechStopped.audio` will be if the pause reaches `silence_ms`: the turn's frames up
+    to the last voiced one plus the same trailing pad, so a turn started now on it gives the same reply."""
+
+    at_ms: float  # stream time of the end of the last voiced frame (as the stop's)
+    detected_ms: float
+    audio: np.ndarray
+
+
+@dataclass(frozen=True)
+class VadResumed:
+    """The speech went on after a `VadPause`: that candidate was not the end of the turn."""
+
+    at_ms: float
+
+
+VadEvent = VadSpeechStarted | VadSpeechStopped | VadPause | VadResumed
 
 
 class VadState(Enum):
@@ -168,6 +187,10 @@ class TurnDetector:
         self._start_frames = max(1, math.ceil(settings.speech_start_ms / self._frame_ms))
         self._stop_frames = max(1, math.ceil(settings.silence_ms / self._frame_ms))
         self._pad_frames = math.ceil(settings.prefix_padding_ms / self._frame_ms)
+        # A candidate needs the whole trailing pad behind it, or its audio would differ from the stop's.
+        speculate = max(math.ceil(settings.speculate_ms / self._frame_ms), self._pad_frames, 1)
+        self._pause_frames = speculate if settings.speculate_ms and speculate < self._stop_frames else None
+        self._paused = False  # a VadPause was emitted for the current pause
         self._max_frames = settings.max_turn_ms * INPUT_SAMPLES_PER_MS // self._n  # whole frames that fit
         assert self._max_frames * self._n <= MAX_INPUT_SAMPLES, (
             f"expected a turn of at most {MAX_INPUT_SAMPLES} samples, got {self._max_frames} frames of {self._n}"
@@ -186,6 +209,7 @@ class TurnDetector:
 
     def reset(self) -> None:
         """Forget the speech in progress (the client committed the audio itself); stream time goes on."""
+        self._paused = False
         self.state = VadState.SILENCE
         self._recent.clear()
         self._voiced_run = 0
@@ -228,28 +252,40 @@ class TurnDetector:
             self._voiced_run = 0
             return [VadSpeechStarted(at_ms=self._speech_start_frame * self._frame_ms)]
         self._turn.append(frame)
+        events: list[VadEvent] = []
         if voiced:
             self._last_voiced_frame = index
             self._unvoiced_run = 0
+            if self._paused:
+                self._paused = False
+                events.append(VadResumed(at_ms=index * self._frame_ms))
         else:
             self._unvoiced_run += 1
         if self._unvoiced_run >= self._stop_frames:
-            return [self._stop(index, "silence")]
+            return [*events, self._stop(index, "silence")]
         if len(self._turn) >= self._max_frames:
-            return [self._stop(index, "max_length")]
-        return []
+            return [*events, self._stop(index, "max_length")]
+        if self._unvoiced_run == self._pause_frames:
+            self._paused = True
+            events.append(VadPause(at_ms=(self._last_voiced_frame + 1) * self._frame_ms,
+                                   detected_ms=(index + 1) * self._frame_ms, audio=self._cut()))
+        return events
 
-    def _stop(self, index: int, reason: Literal["silence", "max_length"]) -> VadSpeechStopped:
+    def _cut(self) -> np.ndarray:
+        """The turn's audio now: its frames up to the last voiced one plus the trailing pad."""
         keep = len(self._turn) - max(0, self._unvoiced_run - self._pad_frames)  # trim trailing silence
         frames = self._turn[:keep][-self._max_frames :]  # padding rounded up to frames may not all fit
-        audio = np.concatenate(frames) if frames else np.zeros(0, np.float32)
+        return np.concatenate(frames) if frames else np.zeros(0, np.float32)
+
+    def _stop(self, index: int, reason: Literal["silence", "max_length"]) -> VadSpeechStopped:
         event = VadSpeechStopped(
             at_ms=(self._last_voiced_frame + 1) * self._frame_ms,
             detected_ms=(index + 1) * self._frame_ms,
-            audio=audio,
+            audio=self._cut(),
             reason=reason,
         )
         self.state = VadState.SILENCE
         self._turn = []
         self._unvoiced_run = 0
+        self._paused = False
         return event
