@@ -97,6 +97,9 @@ class FakeTurn:
     item_id: str = ""
     instructions: str | None = None
     keep: bool = True
+    user_item: str = ""
+    speculative: bool = False
+    discarded: bool = False
     reply: str = ""
     cancelled_at_ms: float | None = None
     blocks_sent: int = 0
@@ -124,13 +127,16 @@ class FakeEngineSession:
     def submit_turn(
         self, audio: np.ndarray, settings: TurnSettings, *, speech_end: float | None = None,
         item_id: str | None = None, reply_id: str | None = None, transcribe: bool = False,
+        speculative: bool = False,
     ) -> AsyncIterator[EngineEvent]:
         self._check_audio(audio)
         if self._running:
             raise TurnRejected(f"expected no running turn on session {self.id}, got one running")
-        self.add_item(HistoryItem(item_id or f"fake-user-{len(self.turns) + 1}", "user", audio=audio,
-                                  transcribe=transcribe))
-        return self.respond(settings, item_id=reply_id or f"fake-reply-{len(self.turns) + 1}", speech_end=speech_end)
+        user = item_id or f"fake-user-{len(self.turns) + 1}"
+        self.add_item(HistoryItem(user, "user", audio=audio, transcribe=transcribe))
+        stream = self.respond(settings, item_id=reply_id or f"fake-reply-{len(self.turns) + 1}", speech_end=speech_end)
+        self.turns[-1].user_item, self.turns[-1].speculative = user, speculative
+        return stream
 
     def respond(self, settings: TurnSettings, *, item_id: str, instructions: str | None = None, keep: bool = True,
                 speech_end: float | None = None) -> AsyncIterator[EngineEvent]:
@@ -158,6 +164,19 @@ class FakeEngineSession:
             loop = asyncio.get_running_loop()
             loop.call_soon(self.on_transcript, TranscriptDelta(item.id, text))
             loop.call_soon(self.on_transcript, TranscriptDone(item.id, text, seconds))
+
+    def confirm(self) -> None:
+        self.engine.confirms.append(self.id)
+
+    def discard(self) -> None:
+        """Drop the running turn and its user item (as the engine's discard: no trace)."""
+        if self._running:
+            self._cancel = True
+            self._running = False
+            self.engine.discards.append(self.id)
+            turn = self.turns[-1]
+            turn.discarded, turn.keep = True, False
+            self.items = [it for it in self.items if it.id != turn.user_item]
 
     def delete_item(self, item_id: str) -> None:
         self.edits.append(("delete", item_id, None))
@@ -205,7 +224,7 @@ class FakeEngineSession:
                 return
             for i, word in enumerate(words):
                 await asyncio.sleep(e.step_s)
-                if self._cancel:
+                if self._cancel or turn.discarded:
                     reason = "cancelled"
                     break
                 start_ms = i * e.block_ms
@@ -215,8 +234,11 @@ class FakeEngineSession:
                 timings.first_audio = timings.first_audio or time.monotonic()
                 yield AudioChunk(e.tone(start_ms), start_ms)
                 turn.blocks_sent += 1
-            while e.hold and not self._cancel:  # still "generating", with nothing to show for it
+            while e.hold and not (self._cancel or turn.discarded):  # still "generating", with nothing to show for it
                 await asyncio.sleep(e.step_s)
+            if turn.discarded:
+                yield ResponseDone("", "discarded", timings, speculative=True)
+                return
             if self._cancel:
                 reason = "cancelled"
             kept = words[: len(starts)]
@@ -258,6 +280,8 @@ class FakeEngine:
         self._ids = itertools.count(1)
         self.sessions: list[FakeEngineSession] = []
         self.cancels: list[tuple[str, float | None]] = []
+        self.confirms: list[str] = []  # sessions whose speculative turn was confirmed
+        self.discards: list[str] = []  # sessions whose speculative turn was discarded
         self.open_count = 0
 
     @property

@@ -101,6 +101,9 @@ def test_speculative_turns_use_only_slack() -> None:
     # ...and a speculative turn in flight ranks after the confirmed ones in every stage.
     plan = s.schedule([view(1, G, wants_text=True, speculative=True), view(2, G, wants_text=True, arrival=9)])
     assert plan.text == (2, 1) and plan.tts == (2, 1)
+    # One that holds all the audio it may before its confirmation waits in every stage.
+    paused = s.schedule([view(1, G, wants_text=True, vocode_ready=True, speculative=True, paused=True)])
+    assert (paused.text, paused.tts, paused.vocode) == ((), (), ())
 
 
 def test_slot_pool_refuses_with_the_limit_named_and_reuses_released_slots() -> None:

@@ -203,7 +203,8 @@ def test_audio_at_48k_is_resampled_to_16k_streaming() -> None:
 # The wire form of SessionSettings() (what session.started echoes and `update` accepts).
 DEFAULT_SETTINGS_JSON = {
     "vad": {"kind": "webrtc", "aggressiveness": 2, "frame_ms": 20, "speech_start_ms": 150, "silence_ms": 500,
-            "prefix_padding_ms": 300, "max_turn_ms": 30000, "silero_threshold": 0.5, "min_interruption_ms": 400},
+            "prefix_padding_ms": 300, "max_turn_ms": 30000, "silero_threshold": 0.5, "speculate_ms": 0,
+            "min_interruption_ms": 400},
     "voice": None, "temperature": None, "max_new_tokens": None, "seed": None, "transcribe": False,
 }
 
@@ -270,6 +271,7 @@ ROUND_TRIP = [
     (("vad", "prefix_padding_ms"), 100),
     (("vad", "max_turn_ms"), 12_000),
     (("vad", "silero_threshold"), 0.3),
+    (("vad", "speculate_ms"), 350),
     (("vad", "min_interruption_ms"), 250),
     (("voice",), "alt"),
     (("temperature",), 0.7),

@@ -31,6 +31,7 @@ class EngineConfig:
     admit_window_ms: float = 2.0  # an idle engine waits this long after a command for more (batched starts)
     warm_up: bool = True  # run one short synthetic turn after loading, before `ready`
     threads: int | None = None  # torch CPU threads of the model thread (None: torch's default)
+    speculation_hold_ms: float = 2000.0  # audio a speculative turn may make before its confirmation
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:

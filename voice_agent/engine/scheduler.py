@@ -24,7 +24,9 @@ Policy:
 6. Speculation (a turn started during the caller's pause, before the end of turn is confirmed) only uses
    slack: every queued confirmed turn is admitted before any speculative one, and a speculative turn is
    admitted only while fewer than `max_speculative_load` confirmed turns are in flight. Under load a
-   speculative turn waits, queued, until it is confirmed (then it is an ordinary turn) or discarded.
+   speculative turn waits, queued, until it is confirmed (then it is an ordinary turn) or discarded. A
+   speculative turn that has made as much audio as may be held before confirmation (`paused`) takes part
+   in no stage until it is confirmed.
 
 Admission (`SlotPool`): a session owns one KV slot for its lifetime. The number of slots is the smaller of
 `max_sessions` and what the KV memory budget holds at the session's context length
@@ -66,6 +68,7 @@ class TurnView:
     started_audio: bool = False  # the first audio chunk has been sent
     audio_ahead_ms: float = 0.0  # audio sent minus real time since the first chunk
     speculative: bool = False  # started before its end of turn was confirmed (may be discarded)
+    paused: bool = False  # a speculative turn holding as much audio as it may before its confirmation
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,8 @@ class Scheduler:
             tokens += view.prompt_tokens
             confirmed += 0 if view.speculative else 1
         admitted = set(admit)
-        live = sorted((v for v in views if v.phase is not TurnPhase.QUEUED or v.id in admitted), key=_rank)
+        live = sorted((v for v in views if (v.phase is not TurnPhase.QUEUED or v.id in admitted) and not v.paused),
+                      key=_rank)
         # New turns take part in every stage of the step that prefills them; the engine skips a candidate
         # that is not ready when its stage runs.
         text = [v.id for v in live if v.id in admitted

@@ -158,6 +158,7 @@ class LocalSession:
         self._engine = engine
         self._running = False
         self._closed = False
+        self._turns = 0  # turns started: a stream's end frees the session only if no later turn started
 
     def submit_turn(self, audio: np.ndarray, settings: TurnSettings, *, speech_end: float | None = None,
                     item_id: str | None = None, reply_id: str | None = None, transcribe: bool = False,
@@ -174,8 +175,10 @@ class LocalSession:
             self._engine.post(Confirm(self))
 
     def discard(self) -> None:
+        """Drop the running turn; a new one may start at once (the engine applies commands in order)."""
         if not self._closed:
             self._engine.post(Discard(self))
+            self._running = False
 
     def respond(self, settings: TurnSettings, *, item_id: str, instructions: str | None = None, keep: bool = True,
                 speech_end: float | None = None) -> TurnStream:
@@ -217,8 +220,11 @@ class LocalSession:
         now = time.monotonic()
         timings = TurnTimings(speech_end=now if speech_end is None else speech_end, submitted=now)
 
+        self._turns += 1
+        turn = self._turns
+
         def deliver(event: EngineEvent) -> None:  # on the loop
-            if isinstance(event, _TERMINAL):
+            if isinstance(event, _TERMINAL) and turn == self._turns:
                 self._running = False
             stream._queue.put_nowait(event)
 

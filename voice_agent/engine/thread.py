@@ -77,6 +77,7 @@ from voice_agent.errors import AdmissionError, TurnRejected, error_code
 log = logging.getLogger(__name__)
 
 RECENT_TURNS = 1024  # timings kept for metrics
+IDLE_POLL_S = 0.005  # a step with nothing to run (turns waiting for confirmation) waits this long for a command
 
 
 class Engine:
@@ -234,10 +235,12 @@ class Engine:
             return
         self._ready.set()
         window = self.config.admit_window_ms / 1000.0
+        stalled = False  # the last step found nothing to run (only turns that wait: speculation)
         while True:
             idle = not worker.busy
-            try:
-                command = self._commands.get(block=idle)
+            try:  # a stalled engine waits a little for a command instead of spinning
+                command = self._commands.get(block=idle or stalled, timeout=IDLE_POLL_S if stalled and not idle
+                                             else None)
             except queue.Empty:
                 command = None
             # No turn in flight (at most background work: transcripts): wait the admission window as an idle
@@ -254,7 +257,7 @@ class Engine:
                 except queue.Empty:
                     command = None
             try:
-                worker.step()
+                stalled = not worker.step()
             except Exception:  # noqa: BLE001 - a failing step fails its turns, not the engine
                 log.exception("engine: step failed; failing the running turns")
                 worker.fail_all("engine_error", "the engine failed while generating this turn")

@@ -328,11 +328,14 @@ class ModelWorker:
 
     # ---------------------------------------------------------------- the step
     @torch.inference_mode()
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One step; False when it found nothing to run (e.g. only speculative turns that wait for slack or
+        for their confirmation), so the caller may wait for a command instead of spinning."""
         if not self.busy:
-            return
+            return False
         now = time.monotonic()
         began, before = time.perf_counter(), replace(self.stats)
+        live, encoded = len(self.turns), bool(self.to_encode)
         plan = self.scheduler.schedule([self._view(t, now) for t in self.turns.values()])
         self.stats.steps += 1
 
@@ -351,12 +354,13 @@ class ModelWorker:
         for turn in list(self.turns.values()):
             if turn.reply is not None and turn.reply.done and not turn.chunks:
                 self._finish(turn)
-        self._transcribe()
+        transcribed = self._transcribe()
+        s = self.stats
+        rows = {"admit": s.admitted - before.admitted, "text": s.text_rows - before.text_rows,
+                "tts": s.tts_rows - before.tts_rows, "vocode": s.vocode_rows - before.vocode_rows}
         if self.on_step is not None:
-            s = self.stats
-            self.on_step(time.perf_counter() - began, {
-                "admit": s.admitted - before.admitted, "text": s.text_rows - before.text_rows,
-                "tts": s.tts_rows - before.tts_rows, "vocode": s.vocode_rows - before.vocode_rows})
+            self.on_step(time.perf_counter() - began, rows)
+        return transcribed or encoded or any(rows.values()) or len(self.turns) != live
 
     def _guard(self, turns: list[TurnRun], stage: Callable[[list[TurnRun]], None]) -> None:
         if not turns:
@@ -379,8 +383,9 @@ class ModelWorker:
             return TurnView(t.id, TurnPhase.QUEUED, t.id, prompt_tokens=max(1, pending), speculative=t.speculative)
         started = t.timings.first_audio is not None
         ahead = t.audio_ms - 1000.0 * (now - t.timings.first_audio) if t.timings.first_audio is not None else 0.0
+        paused = t.speculative and t.audio_ms >= self.config.speculation_hold_ms
         return TurnView(t.id, t.phase, t.id, 0, r.wants_text, r.wants_tts, r.text_lead, bool(t.chunks), started, ahead,
-                        t.speculative)
+                        t.speculative, paused)
 
     # ---------------------------------------------------------------- speech in, transcripts out
     def _pending(self, session: SessionRun) -> list[Message]:
@@ -433,18 +438,20 @@ class ModelWorker:
             return
         self.transcripts.submit(session.id, item_id, encoder_out, seconds, emit)
 
-    def _transcribe(self) -> None:
+    def _transcribe(self) -> bool:
         """Decode transcripts when no reply waits for its first audio (or first units, without a vocoder),
         one token per step."""
         if not self.transcripts.busy:
-            return
+            return False
+
         def waiting(t: TurnRun) -> bool:
             first = t.timings.first_audio if self.decoder is not None else t.timings.first_units
             return t.reply is None or first is None
 
         if any(waiting(t) for t in self.turns.values()):
-            return
+            return False
         self.transcripts.step(TRANSCRIPT_TOKENS_PER_STEP)
+        return True
 
     # ---------------------------------------------------------------- admission
     def _admit(self, turns: list[TurnRun]) -> None:

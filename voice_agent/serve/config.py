@@ -99,6 +99,9 @@ class ServerConfig:
                                           f"most {MAX_TURN_MS}, Whisper's window)", int)
     min_interruption_ms: int = _opt(400, "user speech during a reply shorter than this does not "
                                          "interrupt it (ms)", int)
+    speculate_ms: int = _opt(0, "speculative endpointing: a pause this long (at least prefix-padding-ms) starts "
+                                "the reply while the turn's end is not yet confirmed; its output is held until "
+                                "the pause reaches silence-ms, or dropped if the caller goes on (ms; 0: off)", int)
     send_queue_messages: int = _opt(256, "unsent messages at which a client counts as behind; a connection's "
                                          "backlog never exceeds twice this", int)
     slow_client_ms: int = _opt(2000, "a client that stays behind this long is closed (ms)", int)
@@ -174,6 +177,7 @@ class ServerConfig:
             silence_ms=self.silence_ms,
             prefix_padding_ms=self.prefix_padding_ms,
             max_turn_ms=self.max_turn_ms,
+            speculate_ms=self.speculate_ms,
         )
         return SessionSettings(vad=vad, turn=TurnSettings(voice=self.voice),
                                min_interruption_ms=self.min_interruption_ms, transcribe=self.transcripts == "on")

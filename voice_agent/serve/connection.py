@@ -102,7 +102,16 @@ from voice_agent.serve.protocols.events import (
     TruncateItem,
     UpdateSettings,
 )
-from voice_agent.serve.session import CancelTurn, EditHistory, Output, Session, StartResponse, SubmitTurn
+from voice_agent.serve.session import (
+    CancelTurn,
+    ConfirmTurn,
+    DiscardTurn,
+    EditHistory,
+    Output,
+    Session,
+    StartResponse,
+    SubmitTurn,
+)
 
 log = logging.getLogger("voice_agent.serve.connection")
 
@@ -326,6 +335,13 @@ class Connection:
                 self._submit(out)
             elif isinstance(out, StartResponse):
                 self._respond(out)
+            elif isinstance(out, ConfirmTurn):
+                if self.engine_session is not None:
+                    self.engine_session.confirm()
+            elif isinstance(out, DiscardTurn):
+                self.outbox.drop(out.response_id)  # nothing of it was queued: its events were held
+                if self.engine_session is not None:
+                    self.engine_session.discard()
             elif isinstance(out, EditHistory):
                 self._edit(out)
             elif isinstance(out, CancelTurn):
@@ -345,7 +361,7 @@ class Connection:
         try:
             stream = self.engine_session.submit_turn(
                 cmd.audio, cmd.settings, speech_end=cmd.speech_end, item_id=cmd.user_item or None,
-                reply_id=cmd.reply_item or None, transcribe=cmd.transcribe)
+                reply_id=cmd.reply_item or None, transcribe=cmd.transcribe, speculative=cmd.speculative)
         except TurnRejected as e:
             error = TurnError(error_code(e), str(e))
             self._apply(self.session.on_engine_event(cmd.response_id, error, time.monotonic()))

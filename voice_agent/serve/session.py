@@ -35,6 +35,7 @@ what was sent before the cut for a cancelled one (the rest is dropped unsent).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
@@ -108,6 +109,22 @@ class SubmitTurn:
     user_item: str = ""
     reply_item: str = ""
     transcribe: bool = False
+    speculative: bool = False  # started at a pause candidate: ConfirmTurn or DiscardTurn follows
+
+
+@dataclass(frozen=True)
+class ConfirmTurn:
+    """Command: the speculative turn `response_id`'s end of turn is confirmed (engine `confirm`)."""
+
+    response_id: str
+
+
+@dataclass(frozen=True)
+class DiscardTurn:
+    """Command: drop the speculative turn `response_id` without a trace (engine `discard`); the caller
+    went on speaking, and the client never saw anything of it."""
+
+    response_id: str
 
 
 @dataclass(frozen=True)
@@ -146,7 +163,7 @@ class CancelTurn:
     generating: bool
 
 
-Output = ServerEvent | SubmitTurn | StartResponse | EditHistory | CancelTurn
+Output = ServerEvent | SubmitTurn | ConfirmTurn | DiscardTurn | StartResponse | EditHistory | CancelTurn
 
 
 class TurnState(Enum):
@@ -207,6 +224,7 @@ class _Response:
     played_ms: float = 0.0  # the client's latest playback report (at most sent_ms)
     reported_at: float | None = None  # when that report came; None: the client never reported
     play_end_at: float | None = None  # when a real-time player would finish what was sent
+    held: list[ServerEvent] | None = None  # a speculative response's events, held until its confirmation
 
 
 class Session:
@@ -229,6 +247,7 @@ class Session:
         self._speech_at_ms = 0.0
         self._current: _Response | None = None  # the response the user is hearing (or will)
         self._draining: _Response | None = None  # cancelled, waiting for the engine to confirm
+        self._speculating: _Response | None = None  # started at a pause candidate, not confirmed yet
         self._count = 0
         self._item_count = 0
         self._speech_item = ""  # the id the user item of the speech in progress will have
@@ -250,8 +269,12 @@ class Session:
             self.detector = TurnDetector(self._next_vad)
             self._next_vad = None
         for ev in self.detector.feed(pcm):
-            if isinstance(ev, (VadPause, VadResumed)):
-                continue  # pause candidates: the session does not speculate (VadSettings.speculate_ms is 0)
+            if isinstance(ev, VadPause):
+                self._speculate(ev, now, out)
+                continue
+            if isinstance(ev, VadResumed):
+                self._discard_speculation(out)
+                continue
             if isinstance(ev, VadSpeechStarted):
                 self._speech_at_ms = ev.at_ms
                 waiting = self._current is not None and not self._current.submitted
@@ -281,6 +304,17 @@ class Session:
                 self._commit_item(item, ev.audio, out)
                 self._fire(Trigger.TURN_COMMITTED)
                 continue
+            speculated = self._speculating
+            if speculated is not None and ev.reason == "silence":  # the candidate was the end of the turn
+                self._speculating = None
+                speculated.end_of_turn_ms = ev.end_of_turn_ms
+                self._current = speculated
+                out.append(SpeechStopped(ev.at_ms, duration_ms, turn=True, reason=ev.reason,
+                                         response_id=speculated.id, item_id=speculated.user_item))
+                self._fire(Trigger.TURN_ENDED)
+                self._release(speculated, now, out)
+                continue
+            self._discard_speculation(out)
             r = self._end_turn(ev.audio, now - ev.end_of_turn_ms / 1000.0, ev.end_of_turn_ms)
             out.append(SpeechStopped(ev.at_ms, duration_ms, turn=True, reason=ev.reason, response_id=r.id,
                                      item_id=r.user_item))
@@ -296,6 +330,10 @@ class Session:
     def on_engine_event(self, response_id: str, event: EngineEvent, now: float) -> list[Output]:
         """An event of `response_id`'s engine stream arrived at `now`."""
         out: list[Output] = []
+        held = self._speculating
+        if held is not None and held.id == response_id:  # not confirmed yet: the client sees nothing of it
+            self._hold(held, event)
+            return out
         r = self._current if self._current is not None and self._current.id == response_id else None
         draining = self._draining if self._draining is not None and self._draining.id == response_id else None
         if r is None and draining is None:
@@ -381,6 +419,7 @@ class Session:
         if settings.instructions != self.settings.instructions:
             out.append(EditHistory("instructions", text=settings.instructions))
         if self.settings.turn_detection and not settings.turn_detection:
+            self._discard_speculation(out)
             self.detector.reset()
             if self.state in (TurnState.USER_SPEAKING, TurnState.OVERLAP):
                 self._fire(Trigger.DETECTION_OFF)
@@ -399,6 +438,7 @@ class Session:
                                f"expected at least {MIN_COMMIT_MS} ms of audio in the buffer, got "
                                f"{self._buffered / INPUT_SAMPLES_PER_MS:.0f} ms", event_id=event_id)]
         audio = np.concatenate(self._buffer)
+        self._discard_speculation(out)
         speaking = self.detector.state is VadState.SPEECH and self.settings.turn_detection
         item = self._speech_item if speaking and self._speech_item else self._new_item_id()
         self.detector.reset()
@@ -408,12 +448,14 @@ class Session:
         return out
 
     def on_clear(self, event_id: str | None = None) -> list[Output]:
+        out: list[Output] = []
         self._buffer, self._buffered = [], 0
+        self._discard_speculation(out)
         if self.settings.turn_detection:
             self.detector.reset()
             if self.state in (TurnState.USER_SPEAKING, TurnState.OVERLAP):
                 self._fire(Trigger.DETECTION_OFF)
-        return [InputCleared()]
+        return [*out, InputCleared()]
 
     def on_create_item(self, event: CreateItem) -> list[Output]:
         item, after = event.item, event.previous_item_id
@@ -484,6 +526,8 @@ class Session:
         if self._current is not None:  # generated, still playing: the client moves on
             self._current = None
             self._fire(Trigger.RESPONSE_FINISHED)
+        discarded: list[Output] = []
+        self._discard_speculation(discarded)
         self._count += 1
         options = event.options
         r = _Response(f"resp_{self._count}", np.zeros(0, dtype=np.float32), now, 0.0,
@@ -494,7 +538,7 @@ class Session:
         previous = None
         if options.keep:
             previous = self.items.add(Item(r.item_id, "assistant", text="", status="in_progress", kind=self._kind(r)))
-        out: list[Output] = [ResponseStarted(r.id, r.item_id, options, previous)]
+        out: list[Output] = [*discarded, ResponseStarted(r.id, r.item_id, options, previous)]
         turn = options.turn if options.turn is not None else self.settings.turn
         out.append(StartResponse(r.id, r.item_id, turn, options.instructions, options.keep, now))
         return out
@@ -507,6 +551,69 @@ class Session:
         if r is not None and r.submitted and r.generating and response_id in (None, r.id):
             self._interrupt(now, out, "client_cancelled")
         return out
+
+    # ---- speculation: a turn started at a pause candidate, shown only once the pause ends the turn --------
+
+    def _speculate(self, pause: VadPause, now: float, out: list[Output]) -> None:
+        """Start the turn the pause would end, on exactly the audio the end of turn would submit; its events
+        are held. Only for a plain speech turn: nothing else in flight, a response wanted."""
+        if (self.state is not TurnState.USER_SPEAKING or self._current is not None or self._draining is not None
+                or self._speculating is not None or not self.settings.create_response):
+            return
+        self._count += 1
+        waited_ms = pause.detected_ms - pause.at_ms
+        r = _Response(f"resp_{self._count}", pause.audio, now - waited_ms / 1000.0, waited_ms,
+                      user_item=self._speech_item or self._new_item_id(), item_id=self._new_item_id(), held=[])
+        r.submitted = True
+        self._speculating = r
+        out.append(SubmitTurn(r.id, pause.audio, self.settings.turn, r.speech_end, r.user_item, r.item_id,
+                              self.settings.transcribe, speculative=True))
+
+    def _discard_speculation(self, out: list[Output]) -> None:
+        r = self._speculating
+        if r is not None:
+            self._speculating = None
+            out.append(DiscardTurn(r.id))
+
+    def _hold(self, r: _Response, event: EngineEvent) -> None:
+        """A speculative response's engine event, kept as the server events it will become."""
+        assert r.held is not None
+        if isinstance(event, TextDelta):
+            r.held.append(ResponseText(r.id, event.text))
+        elif isinstance(event, AudioChunk) and self._speaks(r):
+            r.audio_ms = max(r.audio_ms, event.start_ms + event.duration_ms)
+            r.held.append(ResponseAudio(r.id, event.pcm, event.start_ms))
+        elif isinstance(event, ResponseDone) and event.reason != "discarded":
+            r.generating = False
+            r.held.append(ResponseFinished(r.id, event.reason, event.text, r.audio_ms, event.timings.as_ms(),
+                                           r.item_id, event.input_tokens, event.output_tokens))
+        elif isinstance(event, TurnError):
+            r.generating = False
+            r.held += [ErrorEvent(event.code, event.message), ResponseFinished(r.id, "error", "", r.audio_ms, {},
+                                                                               r.item_id)]
+
+    def _release(self, r: _Response, now: float, out: list[Output]) -> None:
+        """The pause ended the turn: the speculative response becomes the current one, its held events go out
+        in order (as the same turn submitted now would have sent them), and the engine is told."""
+        held, r.held = r.held or [], None
+        self._buffer, self._buffered = [], 0
+        if self.conversation_events:
+            out.append(InputCommitted(r.user_item, self.items.last_id))
+        user = Item(r.user_item, "user", audio=r.audio, kind="audio")
+        previous = self.items.add(user)
+        if self.conversation_events:
+            out.append(ItemAdded(user, previous))
+        reply_previous = self.items.add(Item(r.item_id, "assistant", text="", status="in_progress", kind=self._kind(r)))
+        out += [ResponseStarted(r.id, r.item_id, r.options, reply_previous), ConfirmTurn(r.id)]
+        r.audio = np.zeros(0, dtype=np.float32)
+        for event in held:
+            if isinstance(event, ResponseFinished):
+                event = dataclasses.replace(event, timings={"end_of_turn_ms": round(r.end_of_turn_ms, 2),
+                                                            **event.timings})
+                status: Literal["completed", "incomplete"] = "completed" if event.reason == "eos" else "incomplete"
+                self.items.update(r.item_id, text=event.text, audio_ms=event.audio_ms, status=status)
+            out.append(event)
+        self._maybe_finish(now)
 
     # ---- internals -------------------------------------------------------------------------------
 

@@ -97,7 +97,7 @@ MAX_FRAMES_PER_MESSAGE = 4  # a binary message may carry a few frames (a sender 
 CLIENT_MESSAGE_TYPES = ("start", "update", "playback", "interrupt")
 # Options of the "vad" object: the VadSettings fields, and min_interruption_ms (on SessionSettings).
 VAD_OPTIONS = ("kind", "aggressiveness", "frame_ms", "speech_start_ms", "silence_ms", "prefix_padding_ms",
-               "max_turn_ms", "silero_threshold", "min_interruption_ms")
+               "max_turn_ms", "silero_threshold", "speculate_ms", "min_interruption_ms")
 # Top-level options: the TurnSettings fields, each a JSON type or null (the server's default).
 TURN_OPTIONS: dict[str, tuple[tuple[type, ...], str]] = {
     "voice": ((str,), "a string"),
