@@ -572,21 +572,27 @@ def test_a_confirmed_speculative_turn_gives_exactly_the_ordinary_turns_reply(mod
     assert len(a) == len(b) > 0 and float(np.abs(a - b).max()) == 0.0  # same seeds, same batch: bit for bit
 
 
-def test_a_discarded_speculative_turn_leaves_no_trace(models: Models) -> None:
+@pytest.mark.parametrize("ended", [False, True])
+def test_a_discarded_speculative_turn_leaves_no_trace(models: Models, ended: bool) -> None:
     worker = item_session(models, HISTORY[:3])
     respond_to(worker, "a1b")
     conv = worker.sessions["s"].conversation
     assert conv is not None
     before = ([m.id for m in conv.messages], conv.length, conv.kv_len)
     cap = speculate(worker, speech(9), speculative=True)
-    for _ in range(4):
-        worker.step()
-    worker.discard("s")  # the caller spoke again: within one step, nothing of the turn is left
-    assert isinstance(cap.done, ResponseDone) and cap.done.reason == "discarded" and cap.done.speculative
+    if ended:  # the whole reply was made during the pause, before the caller went on
+        run(worker, {"s": cap})
+        assert isinstance(cap.done, ResponseDone) and cap.done.reason == "max_tokens"
+        worker.discard("s")
+    else:
+        for _ in range(4):
+            worker.step()
+        worker.discard("s")  # the caller spoke again: within one step, nothing of the turn is left
+        assert isinstance(cap.done, ResponseDone) and cap.done.reason == "discarded" and cap.done.speculative
     assert not worker.busy and worker.sessions["s"].turn is None and worker.stats.discarded == 1
     # The history is as it was; the KV may keep the footer of the last reply, which the speculative prefill fed
     # and which belongs to that history anyway.
-    assert ([m.id for m in conv.messages], conv.length) == before[:2] and before[2] <= conv.kv_len <= conv.length
+    assert ([m.id for m in conv.messages], conv.length) == before[:2] and conv.kv_len <= conv.length
     # The next reply equals the one a session that never speculated gives.
     after = speculate(worker, speech(10), speculative=False)
     run(worker, {"s": after})
@@ -614,8 +620,7 @@ def test_a_speculative_turns_transcript_waits_for_its_confirmation(tiny_root: Pa
         cap = Capture()
         worker.submit("s", GREEDY, speech(9), TurnTimings(0.0), SHORT, cap.events.append, item_id="u",
                       transcribe=True, speculative=True)
-        for _ in range(3):
-            worker.step()
+        run(worker, {"s": cap})  # the whole reply is made during the pause
         assert heard == []  # encoded, but no transcript while the turn may still be dropped
         worker.confirm("s") if confirmed else worker.discard("s")
         for _ in range(2000):

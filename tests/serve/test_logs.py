@@ -95,7 +95,8 @@ async def test_a_connection_logs_its_session_turns_and_errors_and_never_the_key(
     assert refused["code"] == 1013 and refused["reason"].startswith("server_full: ") and refused["endpoint"] == "/ws"
     assert opened["id"] == closed["id"] == turn["id"] and opened["peer"].startswith("127.0.0.1:")
     assert error["code"] == "bad_json" and error["fatal"] is False
-    assert turn["outcome"] == "eos" and turn["first_audio_ms"] > turn["end_of_turn_ms"] >= 500
+    # what the client got comes after the end of turn; the engine's own first audio may come before it (speculation)
+    assert turn["outcome"] == "eos" and turn["queued_first_audio_ms"] >= turn["end_of_turn_ms"] >= 500
     assert turn["queued_first_audio_ms"] >= turn["first_audio_ms"] and turn["underruns"] == 0
     assert closed["turns"] == 1 and closed["errors"] == 1 and closed["code"] == 1000
     assert closed["reason"] == "client closed" and closed["duration_s"] > 0

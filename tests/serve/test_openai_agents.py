@@ -50,6 +50,17 @@ def no_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
 
 
+def _transcript_in(history: dict[str, Any], raw: list[dict]) -> bool:
+    """Whether the session's history holds the user item's transcript yet (openai-agents fills it in from the
+    transcription event)."""
+    done = [e for e in raw if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    if not done:
+        return False
+    item = history.get(done[0]["item_id"])
+    content = getattr(item, "content", None) or []
+    return any(getattr(part, "transcript", None) for part in content)
+
+
 async def test_runner_turn_with_default_settings(server: str, tmp_path: Any,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="openai.agents")
@@ -64,6 +75,7 @@ async def test_runner_turn_with_default_settings(server: str, tmp_path: Any,
     raw: list[dict] = []  # the server's events as received, in order
     reply_audio = bytearray()
     history: dict[str, Any] = {}  # the session's conversation, by item id, from its history events
+    ended = transcribed = False  # the agent's turn ended; the user transcript came (it may come after the reply)
     async with session:
         async with microphone(session.send_audio) as mic:
             mic.say(silence(LEAD_MS) + speech)
@@ -72,6 +84,8 @@ async def test_runner_turn_with_default_settings(server: str, tmp_path: Any,
                     kinds.append(event.type)
                     if event.type == "raw_model_event" and event.data.type == "raw_server_event":
                         raw.append(event.data.data)
+                        transcribed = transcribed or raw[-1]["type"].startswith(
+                            "conversation.item.input_audio_transcription.")
                     elif event.type == "history_updated":
                         history = {item.item_id: item for item in event.history}
                     elif event.type == "history_added":
@@ -79,6 +93,10 @@ async def test_runner_turn_with_default_settings(server: str, tmp_path: Any,
                     elif event.type == "audio":
                         reply_audio += event.audio.data
                     elif event.type == "agent_end":
+                        ended = True
+                    if ended and transcribed and history.get(next(
+                            (e["item_id"] for e in raw if e["type"] == "input_audio_buffer.committed"), "")) \
+                            is not None and _transcript_in(history, raw):
                         break
 
     refused = [r.getMessage() for r in caplog.records if "Failed to validate server event" in r.getMessage()]

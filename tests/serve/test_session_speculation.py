@@ -16,7 +16,7 @@ from voice_agent.serve.protocols.events import (
     SpeechStarted,
     SpeechStopped,
 )
-from voice_agent.serve.session import CancelTurn, ConfirmTurn, DiscardTurn, Session, SubmitTurn, TurnState
+from voice_agent.serve.session import CancelTurn, DiscardTurn, Session, SubmitTurn, TurnState
 from voice_agent.serve.settings import SessionSettings
 from voice_agent.serve.vad import TurnDetector, VadSettings
 
@@ -47,7 +47,8 @@ def test_a_confirmed_candidate_releases_the_held_reply_in_order() -> None:
     assert reply(s, submit.response_id, c.now) == []  # held
     out = c.feed(silence(300))  # the pause reaches the end-of-turn silence
     assert kinds(out) == ["SpeechStopped", "ResponseStarted", "ConfirmTurn", "ResponseText", "ResponseAudio"]
-    assert out[0].response_id == submit.response_id and out[2] == ConfirmTurn(submit.response_id)
+    assert out[0].response_id == submit.response_id and out[2].response_id == submit.response_id
+    assert out[2].speech_end == pytest.approx(submit.speech_end)  # real time: the same end of speech
     assert s.state is TurnState.RESPONDING
     # From now on it is an ordinary response.
     assert kinds(s.on_engine_event(submit.response_id, TextDelta("there"), c.now)) == ["ResponseText"]

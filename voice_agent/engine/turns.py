@@ -57,6 +57,7 @@ class SessionRun:
     fmt: PromptFormat | None = None  # the session's own format (its system prompt)
     on_transcript: Callable[[TranscriptEvent], None] | None = None
     transcripts_failed: bool = False  # a failure is reported once per session
+    unconfirmed: TurnRun | None = None  # the last speculative turn, until confirmed or discarded (even if ended)
 
 
 @dataclass(eq=False)

@@ -229,6 +229,7 @@ class ModelWorker:
             turn.user_item = user
             turn.speculative = speculative
             turn.transcribe = transcribe
+            session.unconfirmed = turn if speculative else None
             conv = session.conversation
             i = conv.index(user) if conv is not None and speculative and transcribe else None
             if conv is not None and i is not None:
@@ -277,37 +278,50 @@ class ModelWorker:
                                      len(turn.reply.text_ids) if turn.reply is not None else 0))
 
     def confirm(self, session_id: str) -> None:
-        """The running speculative turn is confirmed: an ordinary turn from now on (and its transcript starts)."""
+        """The last speculative turn is confirmed: an ordinary turn from now on (if it still runs), and its
+        transcript starts."""
         session = self.sessions.get(session_id)
-        turn = session.turn if session is not None else None
-        if turn is None or not turn.speculative:
+        turn = session.unconfirmed if session is not None else None
+        if session is None or turn is None:
             return
-        turn.speculative = False
-        turn.timings.confirmed = time.monotonic()
-        conv = session.conversation if session is not None else None
+        session.unconfirmed = None
+        if turn.speculative:
+            turn.speculative = False
+            turn.timings.confirmed = time.monotonic()
+        conv = session.conversation
         i = conv.index(turn.user_item) if conv is not None and turn.user_item is not None else None
-        if not turn.transcribe or conv is None or i is None or session is None:
+        if not turn.transcribe or conv is None or i is None:
             return
         message = conv.messages[i]
         message.transcribe, message.hold_encoder = True, False
-        sp = message.content
-        if isinstance(sp, Speech) and message.encoder_out is not None:  # encoded while speculative
+        if isinstance(message.content, Speech) and message.encoder_out is not None:  # encoded while speculative
             self._start_transcript(session, message.id, message.encoder_out, message.audio_seconds)
             message.encoder_out = None
 
     def discard(self, session_id: str) -> None:
-        """Drop the running turn as if it had never been submitted (see EngineSession.discard)."""
+        """Drop the last speculative turn as if it had never been submitted (see EngineSession.discard): a
+        running one ends at once; one that already ended takes its reply and user item out of the history."""
         session = self.sessions.get(session_id)
-        turn = session.turn if session is not None else None
+        turn = session.unconfirmed if session is not None else None
         if session is None or turn is None:
             return
-        self._forget_user(turn)
-        self._restore(turn)
+        session.unconfirmed = None
+        self.stats.discarded += 1
         if turn.user_item is not None:
             self.transcripts.forget(session_id, turn.user_item)
             self.to_encode = [(s, m) for s, m in self.to_encode if not (s is session and m.id == turn.user_item)]
+        if session.turn is not turn:  # it ended before the caller spoke again
+            conv = session.conversation
+            if conv is not None:
+                conv.delete(turn.item_id)
+                if turn.user_item is not None:
+                    conv.delete(turn.user_item)
+            if session.last_reply == turn.item_id:
+                session.last_reply = None
+            return
+        self._forget_user(turn)
+        self._restore(turn)
         turn.timings.done = time.monotonic()
-        self.stats.discarded += 1
         self._end(turn, ResponseDone("", "discarded", turn.timings, turn.audio_ms, turn.input_tokens,
                                      len(turn.reply.text_ids) if turn.reply is not None else 0, speculative=True))
 

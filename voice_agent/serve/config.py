@@ -99,7 +99,7 @@ class ServerConfig:
                                           f"most {MAX_TURN_MS}, Whisper's window)", int)
     min_interruption_ms: int = _opt(400, "user speech during a reply shorter than this does not "
                                          "interrupt it (ms)", int)
-    speculate_ms: int = _opt(0, "speculative endpointing: a pause this long (at least prefix-padding-ms) starts "
+    speculate_ms: int = _opt(300, "speculative endpointing: a pause this long (at least prefix-padding-ms) starts "
                                 "the reply while the turn's end is not yet confirmed; its output is held until "
                                 "the pause reaches silence-ms, or dropped if the caller goes on (ms; 0: off)", int)
     send_queue_messages: int = _opt(256, "unsent messages at which a client counts as behind; a connection's "

@@ -55,7 +55,7 @@ import anyio.abc
 from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from voice_agent.engine.api import Engine, EngineEvent, EngineSession, TranscriptEvent, TurnError
+from voice_agent.engine.api import Engine, EngineEvent, EngineSession, ResponseDone, TranscriptEvent, TurnError
 from voice_agent.errors import (
     AuthCoolDown,
     IdleTimeout,
@@ -336,6 +336,8 @@ class Connection:
             elif isinstance(out, StartResponse):
                 self._respond(out)
             elif isinstance(out, ConfirmTurn):
+                self.monitor.speculation("confirmed")
+                self.monitor.submitted(out.response_id, out.speech_end)  # what the client waits, from now on
                 if self.engine_session is not None:
                     self.engine_session.confirm()
             elif isinstance(out, DiscardTurn):
@@ -410,6 +412,8 @@ class Connection:
                     log.error("engine failed on %s", response_id, exc_info=e)
                 event = TurnError(error_code(e), f"the engine failed on this turn ({type(e).__name__}: {e}); "
                                                  "the session continues")
+            if isinstance(event, ResponseDone) and event.reason == "discarded":
+                self.monitor.speculation("dropped", event.input_tokens, event.output_tokens)
             self._apply(self.session.on_engine_event(response_id, event, time.monotonic()))
             if isinstance(event, TurnError):
                 return

@@ -93,6 +93,12 @@ class Metrics:
                                         "waited for audio", ["endpoint"], registry=r)
         self.errors = Counter("voice_agent_errors", "Error events sent to clients, by code", ["endpoint", "code"],
                               registry=r)
+        self.speculations = Counter("voice_agent_speculative_turns", "Turns started at a pause candidate, by "
+                                    "outcome: confirmed (the pause ended the turn) or dropped (the caller went on)",
+                                    ["endpoint", "outcome"], registry=r)
+        self.dropped_work = Counter("voice_agent_speculation_dropped_tokens", "Work thrown away with dropped "
+                                    "speculative turns: prompt positions they read, text tokens they generated",
+                                    ["kind"], registry=r)
         self.step_seconds = Histogram("voice_agent_engine_step_seconds", "Engine step time",
                                       buckets=STEP_BUCKETS_S, registry=r)
         self.step_rows = Histogram("voice_agent_engine_step_rows", "Rows (turns) per batched call, by stage",
@@ -229,6 +235,15 @@ class ConnectionMonitor:
 
     def submitted(self, response_id: str, speech_end: float) -> None:
         self._reply = _Reply(response_id, speech_end)
+
+    def speculation(self, outcome: str, prompt_tokens: int = 0, text_tokens: int = 0) -> None:
+        """A speculative turn was confirmed, or dropped after reading `prompt_tokens` and generating
+        `text_tokens`."""
+        if self.metrics is not None:
+            self.metrics.speculations.labels(self.endpoint, outcome).inc()
+            if outcome == "dropped":
+                self.metrics.dropped_work.labels("prompt").inc(prompt_tokens)
+                self.metrics.dropped_work.labels("text").inc(text_tokens)
 
     def sent(self, event: ServerEvent, now: float) -> None:
         if isinstance(event, ResponseAudio):

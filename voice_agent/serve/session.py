@@ -114,9 +114,11 @@ class SubmitTurn:
 
 @dataclass(frozen=True)
 class ConfirmTurn:
-    """Command: the speculative turn `response_id`'s end of turn is confirmed (engine `confirm`)."""
+    """Command: the speculative turn `response_id`'s end of turn is confirmed (engine `confirm`). `speech_end`
+    as SubmitTurn's, dated at the confirmation (equal for a client streaming in real time)."""
 
     response_id: str
+    speech_end: float
 
 
 @dataclass(frozen=True)
@@ -308,6 +310,7 @@ class Session:
             if speculated is not None and ev.reason == "silence":  # the candidate was the end of the turn
                 self._speculating = None
                 speculated.end_of_turn_ms = ev.end_of_turn_ms
+                speculated.speech_end = now - ev.end_of_turn_ms / 1000.0
                 self._current = speculated
                 out.append(SpeechStopped(ev.at_ms, duration_ms, turn=True, reason=ev.reason,
                                          response_id=speculated.id, item_id=speculated.user_item))
@@ -604,7 +607,7 @@ class Session:
         if self.conversation_events:
             out.append(ItemAdded(user, previous))
         reply_previous = self.items.add(Item(r.item_id, "assistant", text="", status="in_progress", kind=self._kind(r)))
-        out += [ResponseStarted(r.id, r.item_id, r.options, reply_previous), ConfirmTurn(r.id)]
+        out += [ResponseStarted(r.id, r.item_id, r.options, reply_previous), ConfirmTurn(r.id, r.speech_end)]
         r.audio = np.zeros(0, dtype=np.float32)
         for event in held:
             if isinstance(event, ResponseFinished):
