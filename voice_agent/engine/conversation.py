@@ -247,10 +247,6 @@ class Conversation:
             pos += n
         return [item for item in out if _size(item)]
 
-    def pending_speech(self) -> list[Speech]:
-        """Speech messages not encoded yet."""
-        return [m.content for m in self.messages if isinstance(m.content, Speech) and not m.content.encoded]
-
     # ---------------------------------------------------------------- edits
     def _lower(self, position: int) -> None:
         self.kv_len = min(self.kv_len, position)

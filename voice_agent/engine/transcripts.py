@@ -94,8 +94,6 @@ class Transcripts:
                 entry.emit(TranscriptDone(entry.item_id, entry.job.text, entry.audio_seconds))
         return steps
 
-    def forget(self, owner: str, item_id: str | None = None) -> None:
-        """Drop the jobs of session `owner` (closed), or only its job for `item_id` (a discarded turn): they
-        emit nothing more."""
-        self._queue = deque(entry for entry in self._queue
-                            if entry.owner != owner or (item_id is not None and entry.item_id != item_id))
+    def forget(self, owner: str) -> None:
+        """Drop the jobs of session `owner` (closed): they emit nothing more."""
+        self._queue = deque(entry for entry in self._queue if entry.owner != owner)

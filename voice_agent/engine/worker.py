@@ -307,9 +307,7 @@ class ModelWorker:
             return
         session.unconfirmed = None
         self.stats.discarded += 1
-        if turn.user_item is not None:
-            self.transcripts.forget(session_id, turn.user_item)
-            self.to_encode = [(s, m) for s, m in self.to_encode if not (s is session and m.id == turn.user_item)]
+        # Nothing to drop from the transcripts: a speculative turn's only starts at its confirmation.
         if session.turn is not turn:  # it ended before the caller spoke again
             conv = session.conversation
             if conv is not None:
@@ -359,7 +357,7 @@ class ModelWorker:
             return sorted(turns[: plan.max_batch], key=lambda t: t.session.slot)
 
         admit = pick(plan.admit, lambda t: t.reply is None)
-        self._encode_pending([m for t in admit for m in self._pending(t.session)])
+        self._encode_pending([(t.session, m) for t in admit for m in self._pending(t.session)])
         self._guard(admit, self._admit)
         self._guard(pick(plan.text, lambda t: t.reply is not None and t.reply.wants_text
                          and self.scheduler.text_allowed(t.reply.text_lead)), self._text)
@@ -408,38 +406,34 @@ class ModelWorker:
             return []
         return [m for m in conv.messages if isinstance(m.content, Speech) and not m.content.encoded]
 
-    def _encode_pending(self, messages: list[Message]) -> None:
-        """Encode user speech (mel, encoder, adapter) in one batch: the messages given (those the turns being
-        admitted read) and any waiting for a transcript; a transcript job starts for each that wants one."""
+    def _encode_pending(self, messages: list[tuple[SessionRun, Message]]) -> None:
+        """Encode user speech (mel, encoder, adapter) in one batch: the (session, message) pairs given (what the
+        turns being admitted read) and any waiting for a transcript; a transcript job starts for each that
+        wants one."""
         waiting, self.to_encode = self.to_encode, []
-        owners = {id(m): s for s, m in waiting}
-        batch = {id(m): m for m in [*messages, *(m for _, m in waiting)]
+        batch = {id(m): (s, m) for s, m in [*messages, *waiting]
                  if isinstance(m.content, Speech) and not m.content.encoded}
         if not batch:
             return
-        rows = list(batch.values())
+        owners = [s for s, _ in batch.values()]
+        rows = [m for _, m in batch.values()]
         speeches = [m.content for m in rows]
         assert all(isinstance(sp, Speech) for sp in speeches)
         features = self.lm.speech_features([sp.audio for sp in speeches])  # type: ignore[union-attr]
         k = self.lm.projector.k
-        for i, (m, sp) in enumerate(zip(rows, speeches, strict=True)):
+        for i, (session, m, sp) in enumerate(zip(owners, rows, speeches, strict=True)):
             assert isinstance(sp, Speech)
             if features.lengths[i] != sp.length:
                 raise RuntimeError(f"speech of {len(sp.audio)} samples encoded to {features.lengths[i]} positions, "
                                    f"expected {sp.length}")
             sp.features, seconds, sp.audio = features.row(i), len(sp.audio) / INPUT_SAMPLE_RATE, None
-            session = owners.get(id(m)) or self._owner(m)
-            if (m.transcribe or m.hold_encoder) and session is not None:
+            if m.transcribe or m.hold_encoder:
                 enc = features.encoder_out[i] if not self.lm.unpadded else features.encoder_out[i, : sp.length * k]
                 # padded: the whole 30-s window, as Whisper's decoder was trained on
                 if m.transcribe:
                     self._start_transcript(session, m.id, enc, seconds)
                 else:  # a speculative turn's: its transcript starts if the turn is confirmed
                     m.encoder_out, m.audio_seconds = enc.clone(), seconds
-
-    def _owner(self, message: Message) -> SessionRun | None:
-        return next((s for s in self.sessions.values() if s.conversation is not None
-                     and any(m is message for m in s.conversation.messages)), None)
 
     def _start_transcript(self, session: SessionRun, item_id: str, encoder_out: torch.Tensor, seconds: float) -> None:
         emit = session.on_transcript
